@@ -17,6 +17,8 @@ _FALSE = {"false", "False", "no"}
 # nbdev's title cell: `# Title`, `> description`, optional `- key: value` frontmatter lines
 _TITLE, _SUBTITLE, _FRONTMATTER = re.compile(r"^#\s+\S"), re.compile(r"^>\s*(.*)$"), re.compile(r"^-\s+\S.*:.*\S\s*$")
 _ASSETS = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
+# A page resource (not a plain hyperlink) fetched from the network: the site must work offline
+_REMOTE = re.compile(r"<(?:script|img|link|iframe|source|video|audio)\b[^>]*?\b(?:src|href)=[\"'](?:https?:)?//[^\"']*", re.I)
 _LANG = {"name": "python", "pygments_lexer": "ipython3"}
 _KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -144,6 +146,15 @@ def sphinx() -> int:
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
+def remote_resources(html: Path) -> list[str]:
+    """Pages that load scripts, styles or images from the network, with the first such tag."""
+    found = []
+    for page in sorted(html.rglob("*.html")):
+        if m := _REMOTE.search(page.read_text(encoding="utf-8")):
+            found.append(f"{page.relative_to(ROOT)}: {m[0]}")
+    return found
+
+
 def main(argv=None) -> int:
     """Entry point of `make docs`."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -159,6 +170,10 @@ def main(argv=None) -> int:
     if rc := sphinx():
         print("docs: error: sphinx-build failed (warnings are errors); see the messages above", file=sys.stderr)
         return rc
+    if remote := remote_resources(OUT/"html"):
+        print("docs: error: the site must work offline, but these pages load remote resources:",
+              *remote, sep="\n  ", file=sys.stderr)
+        return 1
     print(OUT/"html"/"index.html")
     return 0
 

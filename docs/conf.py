@@ -9,9 +9,11 @@ extensions = ["myst_nb"]
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 
 # Notebooks are executed by nbdev-test elsewhere; the site shows their code, prose and stored outputs.
+# (docs/build.py gives each cleaned notebook a kernelspec and a python `language_info`, the lexer
+# myst-nb needs for code cells; fences without a language use Sphinx's default: python, else plain.)
 nb_execution_mode = "off"
-# Lexer of code cells: docs/build.py gives every cleaned notebook a python `language_info` (myst-nb
-# warns without one). Fences without a language keep Sphinx's "default": python, else plain text.
+# No remote scripts: MathJax would come from a CDN, so LaTeX outputs show their text/plain form.
+nb_mime_priority_overrides = [("html", "text/latex", None)]
 
 # `[text](#a-heading)` links inside pages, as Quarto allows.
 myst_heading_anchors = 3
