@@ -12,7 +12,7 @@ STAMP := $(VENV)/.nbprod-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install lock export check-export check-clean nbtest pytest docs test demo lab clean
+.PHONY: help install lock export check-export nbtest pytest docs test demo lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -33,11 +33,8 @@ lock:  ## re-resolve requirements.lock from pyproject.toml (needs the index)
 export: install  ## notebooks -> nbprod/
 	$(BIN)/nbdev-export
 
-check-export: install  ## fail when nbprod/ differs from what the notebooks export
-	$(BIN)/python -m nbprod.checks export
-
-check-clean: install  ## fail when a notebook is not clean
-	$(BIN)/python -m nbprod.checks clean
+check-export: install  ## fail when nbprod/ differs from the notebooks' export, or a notebook is not clean
+	$(BIN)/nbprod check
 
 nbtest: install  ## run the notebooks' asserting cells
 	$(BIN)/nbdev-test --n-workers 2
@@ -48,10 +45,14 @@ pytest: install  ## cross-process tests: kernels, MLflow, CLI
 docs: install  ## build the documentation site, warnings are errors
 	$(BIN)/python docs/build.py
 
-test: check-export check-clean nbtest pytest docs  ## the whole suite
+test: check-export nbtest pytest docs  ## the whole suite
 
+DEMO := build/demo
 demo: install  ## scaffold a small project and run its training notebook, tracked
-	$(BIN)/python -m nbprod.demo
+	rm -rf $(DEMO)
+	$(BIN)/nbprod new demo --dir $(dir $(DEMO))
+	cd $(DEMO) && $(BIN)/nbprod run nbs/train.ipynb -p alpha=0.5
+	cd $(DEMO) && $(BIN)/nbprod runs
 
 lab: install  ## JupyterLab on the project's own kernel
 	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir nbs
