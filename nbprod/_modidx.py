@@ -51,6 +51,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'nbprod.runs._Terminated': ('runs.html#_terminated', 'nbprod/runs.py'),
                              'nbprod.runs._alive': ('runs.html#_alive', 'nbprod/runs.py'),
                              'nbprod.runs._checked': ('runs.html#_checked', 'nbprod/runs.py'),
+                             'nbprod.runs._describe': ('runs.html#_describe', 'nbprod/runs.py'),
                              'nbprod.runs._execute': ('runs.html#_execute', 'nbprod/runs.py'),
                              'nbprod.runs._failure': ('runs.html#_failure', 'nbprod/runs.py'),
                              'nbprod.runs._finish': ('runs.html#_finish', 'nbprod/runs.py'),
