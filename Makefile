@@ -51,8 +51,8 @@ DEMO := build/demo
 demo: install  ## scaffold a small project and run its training notebook, tracked
 	rm -rf $(DEMO)
 	$(BIN)/nbprod new demo --dir $(dir $(DEMO))
-	cd $(DEMO) && $(BIN)/nbprod run nbs/train.ipynb -p alpha=0.5
-	cd $(DEMO) && $(BIN)/nbprod runs
+	cd $(DEMO) && $(abspath $(BIN))/nbprod run nbs/train.ipynb -p alpha=0.5
+	cd $(DEMO) && $(abspath $(BIN))/nbprod runs
 
 lab: install  ## JupyterLab on the project's own kernel
 	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir nbs
