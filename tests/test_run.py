@@ -153,6 +153,8 @@ def _start_sleeper(project):
     while not (marker.exists() and marker.read_text()) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
+    while not project.runs() and time.time() < deadline:  # nbprod records the run while the kernel starts
+        time.sleep(0.2)
     time.sleep(1)  # let the sleeping cell start
     return proc, int(marker.read_text())
 
