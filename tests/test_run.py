@@ -177,12 +177,37 @@ def test_interrupt_ends_killed_with_notebook_stored(project, sig, name):
     assert not pid_alive(kernel_pid), "the kernel outlived the run"
 
 
-def test_run_killed_outright_is_reconciled_by_runs(project):
+def _children(pid):
+    "Process ids of the children of `pid` (from /proc)."
+    from pathlib import Path
+    return [int(c) for c in Path(f'/proc/{pid}/task/{pid}/children').read_text().split()]
+
+
+def _wait_status(project, status, seconds=60):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        [run] = project.runs()
+        if run.info.status == status: return run
+        time.sleep(0.3)
+    return run
+
+
+def test_run_killed_outright_is_ended_by_its_recorder(project):
     import os
     proc, kernel_pid = _start_sleeper(project)
-    proc.kill()
+    proc.kill()  # SIGKILL: nbprod run cannot finish anything itself
     proc.communicate(timeout=30)
+    run = _wait_status(project, 'KILLED')
+    assert run.info.status == 'KILLED' and 'ended KILLED by its recorder' in run.data.tags['nbprod.reconciled']
     if pid_alive(kernel_pid): os.kill(kernel_pid, signal.SIGKILL)  # the orphaned kernel we started
+
+
+def test_run_whose_processes_all_died_is_reconciled_by_runs(project):
+    import os
+    proc, kernel_pid = _start_sleeper(project)
+    for pid in [*_children(proc.pid), proc.pid]:   # the recorder, the kernel, then nbprod run itself
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
     [run] = project.runs()
     assert run.info.status == 'RUNNING'
     r = project.cli('runs')

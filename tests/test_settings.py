@@ -51,3 +51,13 @@ def test_outside_a_project(tmp_path):
     from conftest import NBPROD
     r = subprocess.run([NBPROD, 'runs'], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and 'no nbprod project' in r.stderr and 'nbprod new' in r.stderr
+
+
+def test_unreachable_tracking_server_stops_the_run_with_a_clear_error(project):
+    (project.root/'settings.ini').write_text('[DEFAULT]\ntracking_uri = http://127.0.0.1:9\nartifact_root = file:///tmp/unused\n')
+    project.notebook('n', "x = 1", "import time; time.sleep(5)", "open('finished', 'w').write('yes')")
+    r = project.cli('run', 'nbs/n.ipynb', env=project.env(MLFLOW_HTTP_REQUEST_MAX_RETRIES='0', MLFLOW_HTTP_REQUEST_TIMEOUT='3'))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert 'the run could not be recorded in http://127.0.0.1:9' in r.stderr and 'check tracking_uri' in r.stderr
+    assert 'Traceback' not in r.stderr
+    assert not (project.root/'nbs'/'finished').exists()  # the notebook was stopped, not run untracked to the end
