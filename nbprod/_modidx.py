@@ -54,6 +54,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbprod.recorder._start': ('recorder.html#_start', 'nbprod/recorder.py'),
                                  'nbprod.recorder._write_atomic': ('recorder.html#_write_atomic', 'nbprod/recorder.py'),
                                  'nbprod.recorder.main': ('recorder.html#main', 'nbprod/recorder.py'),
+                                 'nbprod.recorder.nbformat_v4_empty': ('recorder.html#nbformat_v4_empty', 'nbprod/recorder.py'),
                                  'nbprod.recorder.render_html': ('recorder.html#render_html', 'nbprod/recorder.py'),
                                  'nbprod.recorder.serve': ('recorder.html#serve', 'nbprod/recorder.py'),
                                  'nbprod.recorder.settings_from_json': ('recorder.html#settings_from_json', 'nbprod/recorder.py'),
