@@ -139,6 +139,16 @@ def write_index(docnames: list[str]) -> None:
         f"```{{toctree}}\n:maxdepth: 1\n\n{entries}\n```\n")
 
 
+def leftover_directives() -> list[str]:
+    """Cleaned pages whose code still holds an nbdev `#|` line (a check on the cleaning itself)."""
+    found = []
+    for page in sorted(API.rglob("*.ipynb")):
+        for cell in nbformat.read(page, as_version=4).cells:
+            if cell.cell_type == "code" and any(_DIRECTIVE.match(l) for l in cell.source.splitlines()):
+                found.append(f"{page.relative_to(ROOT)}: {cell.source.splitlines()[0]}")
+    return found
+
+
 def sphinx() -> int:
     """Run Sphinx with warnings as errors on a fresh output folder; return its exit code."""
     shutil.rmtree(OUT, ignore_errors=True)  # a fresh build re-reads every page, so no warning is skipped
@@ -166,6 +176,9 @@ def main(argv=None) -> int:
         print(f"docs: error: {e}", file=sys.stderr)
         return 2
     write_index(docnames)
+    if leftover := leftover_directives():
+        print("docs: error: nbdev directives left in the site's code:", *leftover, sep="\n  ", file=sys.stderr)
+        return 1
     print(f"docs: cleaned {len(docnames)} notebook(s) into {API.relative_to(ROOT)}/")
     if rc := sphinx():
         print("docs: error: sphinx-build failed (warnings are errors); see the messages above", file=sys.stderr)
