@@ -145,7 +145,8 @@ def test_cell_over_timeout_is_recorded(project):
 
 def _start_sleeper(project):
     "Start `nbprod run` on a notebook that writes its kernel's pid, then sleeps; return (process, kernel pid)."
-    project.notebook('sleep', "t = 120", "import os; open('kernel.pid', 'w').write(str(os.getpid()))",
+    project.notebook('sleep', "t = 120", "import os; open('work.path', 'w').write(os.path.dirname(os.environ['NBPROD_RUN_FILE']))\n"
+                     "print('started'); open('kernel.pid', 'w').write(str(os.getpid()))",
                      "import time; time.sleep(t)", "print('woke')")
     marker = project.root/'nbs'/'kernel.pid'
     proc = project.popen('run', 'nbs/sleep.ipynb')
@@ -199,6 +200,13 @@ def test_run_killed_outright_is_ended_by_its_recorder(project):
     proc.communicate(timeout=30)
     run = _wait_status(project, 'KILLED')
     assert run.info.status == 'KILLED' and 'ended KILLED by its recorder' in run.data.tags['nbprod.reconciled']
+    names = {p.name: p for p in stored_paths(project.client(), run.info.run_id)}
+    nb = nbformat.read(names['sleep.ipynb'], as_version=4)  # the notebook as papermill last saved it
+    assert nb.metadata.nbprod['status'] == 'KILLED' and any('started' in str(c.get('outputs')) for c in nb.cells)
+    work = Path((project.root/'nbs'/'work.path').read_text())
+    deadline = time.time() + 30
+    while work.exists() and time.time() < deadline: time.sleep(0.2)
+    assert not work.exists(), "the private work folder (unscrubbed output) must not outlive the run"
     if pid_alive(kernel_pid): os.kill(kernel_pid, signal.SIGKILL)  # the orphaned kernel we started
 
 

@@ -1,4 +1,6 @@
 """Settings through the CLI: profiles, NBPROD_<KEY> overrides, and one clear error for each bad input."""
+import time
+
 import pytest
 
 
@@ -55,8 +57,11 @@ def test_outside_a_project(tmp_path):
 
 def test_unreachable_tracking_server_stops_the_run_with_a_clear_error(project):
     (project.root/'settings.ini').write_text('[DEFAULT]\ntracking_uri = http://127.0.0.1:9\nartifact_root = file:///tmp/unused\n')
-    project.notebook('n', "x = 1", "import time; time.sleep(5)", "open('finished', 'w').write('yes')")
+    project.notebook('n', "x = 1", "import time; time.sleep(2)", "from nbprod import track\ntrack.log_metric('a', 1)",
+                     "open('finished', 'w').write('yes')")
+    t0 = time.time()
     r = project.cli('run', 'nbs/n.ipynb', env=project.env(MLFLOW_HTTP_REQUEST_MAX_RETRIES='0', MLFLOW_HTTP_REQUEST_TIMEOUT='3'))
+    assert time.time() - t0 < 120  # the kernel's track call is told at once, not after its 300 s wait
     assert r.returncode == 2, r.stdout + r.stderr
     assert 'the run could not be recorded in http://127.0.0.1:9' in r.stderr and 'check tracking_uri' in r.stderr
     assert 'Traceback' not in r.stderr
