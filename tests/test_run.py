@@ -1,5 +1,5 @@
 """`nbprod run` end to end: a real Jupyter kernel, papermill, MLflow on SQLite, the CLI in a subprocess."""
-import json, re, signal, time
+import re, signal, time
 from pathlib import Path
 
 import nbformat
