@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['NbprodError', 'ConfigError', 'ProjectNotFound', 'ParameterError', 'NotebookNotFound', 'TrackingError',
-           'ScaffoldError', 'RunFailed', 'RunKilled']
+           'ScaffoldError', 'ClusterError', 'RunFailed', 'RunKilled', 'PipelineFailed']
 
 # %% ../nbs/00_errors.ipynb #c9edd508
 class NbprodError(Exception):
@@ -48,6 +48,9 @@ class TrackingError(NbprodError):
 class ScaffoldError(NbprodError):
     "`nbprod new` cannot create the project where asked."
 
+class ClusterError(NbprodError):
+    "Ray cannot be started or reached (`ray_address` in settings.ini)."
+
 # %% ../nbs/00_errors.ipynb #87a4cfe6
 class RunFailed(NbprodError):
     "A tracked run ended FAILED; says which cell, which error, and where the output notebook is."
@@ -61,3 +64,9 @@ class RunFailed(NbprodError):
 class RunKilled(RunFailed):
     "A tracked run was stopped (Ctrl-C, SIGTERM) and ended KILLED."
     status = "KILLED"
+
+class PipelineFailed(NbprodError):
+    "A pipeline or sweep ended FAILED or KILLED; `failures` holds each failed step's `RunFailed`."
+    def __init__(self, message:str, *, run_id=None, status="FAILED", failures=None, hint=None):
+        self.run_id,self.status,self.failures = run_id,status,dict(failures or {})
+        super().__init__(message, hint)

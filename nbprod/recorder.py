@@ -10,7 +10,7 @@ from .errors import TrackingError
 from .settings import Project, Settings
 
 # %% auto #0
-__all__ = ['settings_to_json', 'settings_from_json', 'render_html', 'serve', 'main', 'Recorder']
+__all__ = ['settings_to_json', 'settings_from_json', 'render_html', 'serve', 'main', 'start_message', 'Recorder', 'LocalRecorder']
 
 # %% ../nbs/06_recorder.ipynb #e25c5982
 def settings_to_json(s:Settings) -> dict:
@@ -31,7 +31,8 @@ def _start(state, msg):
     notebook = Path(msg['notebook'])
     tags = run_tags(s, notebook, json.loads(notebook.read_text(encoding='utf-8')), pid=msg['pid'])
     if msg['secrets']: tags['nbprod.secrets'] = ','.join(sorted(msg['secrets']))
-    run = client.create_run(experiment_id(s), run_name=notebook.stem, tags=tags)
+    tags.update(msg.get('tags') or {})   # e.g. mlflow.parentRunId for a pipeline step or sweep point
+    run = client.create_run(experiment_id(s), run_name=msg.get('run_name') or notebook.stem, tags=tags)
     rid = run.info.run_id
     try:
         if msg['params']: client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k,v in msg['params'].items()])
@@ -138,6 +139,13 @@ def main():
 if __name__ == '__main__': main()
 
 # %% ../nbs/06_recorder.ipynb #11ef56ea
+def start_message(settings:Settings, notebook:Path, params:dict, secrets, run_file:Path, output:Path|None=None,
+                  secret_values=(), tags:dict|None=None, run_name:str|None=None) -> dict:
+    "The `start` message: create a run of `notebook` with `params` and extra `tags`, and write its id to `run_file`."
+    return dict(op='start', settings=settings_to_json(settings), notebook=str(notebook), params=params,
+                secrets=sorted(secrets), run_file=str(run_file), pid=os.getpid(), output=str(output) if output else None,
+                secret_values=list(secret_values), tags=dict(tags or {}), run_name=run_name)
+
 class Recorder:
     "The `nbprod run` side of a recorder process."
     def __init__(self):
@@ -167,11 +175,9 @@ class Recorder:
         except (BrokenPipeError, OSError) as e: raise TrackingError(f"the recorder process is gone: {e}") from e
 
     def start(self, settings:Settings, notebook:Path, params:dict, secrets, run_file:Path, output:Path|None=None,
-              secret_values=()):
+              secret_values=(), tags:dict|None=None, run_name:str|None=None):
         "Ask for the run to be created (returns at once; the kernel reads the run id from `run_file`)."
-        self._send(op='start', settings=settings_to_json(settings), notebook=str(notebook), params=params,
-                   secrets=sorted(secrets), run_file=str(run_file), pid=os.getpid(),
-                   output=str(output) if output else None, secret_values=list(secret_values))
+        self._send(**start_message(settings, notebook, params, secrets, run_file, output, secret_values, tags, run_name))
 
     def wait_started(self) -> str|None:
         "The run id, once the recorder has answered `start` (None if it failed: see `error`)."
@@ -199,3 +205,38 @@ class Recorder:
         "Stop the recorder before it recorded anything (bad input)."
         self.proc.kill()
         self.proc.wait()
+
+
+# %% ../nbs/06_recorder.ipynb #d7a896bf
+class LocalRecorder:
+    "A `Recorder` that records from a thread of this process: for Ray workers, which keep MLflow imported between runs."
+    def __init__(self):
+        self.state,self.run_id,self.error = {},None,None
+        self.started,self.requested = threading.Event(),False
+
+    def start(self, *args, **kwargs):
+        self.requested = True
+        msg = json.loads(json.dumps(start_message(*args, **kwargs), default=str))
+        def create():
+            try: self.run_id = _start(self.state, msg)['run_id']
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                try: _write_atomic(Path(msg['run_file']), f"error: {self.error}")  # the kernel may be waiting for it
+                except OSError: pass
+            finally: self.started.set()
+        threading.Thread(target=create, name='nbprod-local-recorder', daemon=True).start()
+
+    def wait_started(self) -> str|None:
+        self.started.wait()
+        return self.run_id
+
+    def finish(self, status:str, stored:Path, name:str, html:bool, tags:dict) -> dict:
+        msg = json.loads(json.dumps(dict(status=status, stored=str(stored), name=name, html=html, tags=tags), default=str))
+        try: return _finish(self.state, msg)
+        except Exception as e: raise TrackingError(f"the run could not be finished: {type(e).__name__}: {e}") from e
+
+    def close(self, timeout:float=60):
+        "End the run KILLED, storing what papermill last saved, if it was started but not finished."
+        if self.requested and self.started.wait(timeout) and self.run_id and not self.state.get('finished'): _orphaned(self.state)
+
+    def cancel(self): pass

@@ -150,7 +150,8 @@ def _checked(notebook, parameters, settings):
 
 # %% ../nbs/07_runs.ipynb #f71a25c5
 def run_notebook(notebook:str|Path, parameters:dict|None=None, *, profile:str|None=None, settings:Settings|None=None,
-                 on_cell=None, raise_on_failure:bool=True, recorder:Recorder|None=None) -> RunResult:
+                 on_cell=None, raise_on_failure:bool=True, recorder:Recorder|None=None, tags:dict|None=None,
+                 run_name:str|None=None) -> RunResult:
     "Run `notebook` with `parameters` as a tracked MLflow run; raise `RunFailed`/`RunKilled` unless it finishes."
     rec = recorder or Recorder()   # imports MLflow in its own process while we check the inputs
     notebook = Path(notebook)
@@ -176,7 +177,7 @@ def run_notebook(notebook:str|Path, parameters:dict|None=None, *, profile:str|No
     status,failure,executed = 'FAILED',None,None
     with _signals(None):  # from here SIGTERM is a KeyboardInterrupt, handled below like Ctrl-C
         try:
-            rec.start(settings, notebook.resolve(), shown, where, workdir/'run_id', out_path, values.values())
+            rec.start(settings, notebook.resolve(), shown, where, workdir/'run_id', out_path, values.values(), tags, run_name)
             executed = _execute(prepare_notebook(nb, plain, where, settings.kernel or None), notebook, out_path,
                                 settings, workdir/'run_id', kernel_env(where, values), where.values(), _on_cell)
             status = 'FINISHED'
