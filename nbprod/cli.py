@@ -12,16 +12,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from . import __version__
-from .errors import NbprodError, RunFailed, RunKilled
+from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 
 # %% auto #0
-__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'main_options', 'run', 'runs', 'new', 'export', 'check', 'main']
+__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'main_options', 'run', 'sweep', 'runs', 'new', 'export', 'check',
+           'main']
 
 # %% ../nbs/10_cli.ipynb #572c1867
 EXAMPLES = """[bold]Examples[/bold]
 
   nbprod run nbs/train.ipynb -p alpha=0.5   [dim]# tracked run[/dim]
   nbprod run nbs/train.ipynb --profile prod [dim]# another profile[/dim]
+  nbprod run train                          [dim]# a pipeline of pyproject.toml[/dim]
+  nbprod run --resume RUN_ID                [dim]# finish a failed pipeline[/dim]
+  nbprod sweep nbs/train.ipynb -p alpha=0.1,1,10 --sort rmse
   nbprod runs --limit 10                    [dim]# recent runs[/dim]
   nbprod new bikes                          [dim]# new project[/dim]
   nbprod export && nbprod check             [dim]# export, check drift[/dim]
@@ -50,7 +54,8 @@ def main_options(version: Annotated[Optional[bool], typer.Option('--version', ca
 
 # %% ../nbs/10_cli.ipynb #8b17ba10
 def _fail(e:NbprodError):
-    code = 130 if isinstance(e, RunKilled) else 1 if isinstance(e, RunFailed) else 2
+    killed = isinstance(e, RunKilled) or (isinstance(e, PipelineFailed) and e.status == 'KILLED')
+    code = 130 if killed else 1 if isinstance(e, (RunFailed, PipelineFailed)) else 2
     err.print("[bold red]error:[/bold red]", escape(e.message), highlight=False)
     if e.hint: err.print("  [yellow]hint:[/yellow]", escape(e.hint), highlight=False)
     raise typer.Exit(code)
@@ -66,11 +71,24 @@ def _progress():
 def _metrics(m:dict, n:int=4) -> str:
     return ", ".join(f"{k}={v:.4g}" for k,v in list(sorted(m.items()))[:n])
 
-@app.command(epilog="[dim]nbprod run nbs/train.ipynb -p alpha=0.5 -p fit_intercept=false[/dim]")
-def run(notebook: Annotated[Path, typer.Argument(help="The notebook to run.", show_default=False)],
+@app.command(epilog="[dim]nbprod run nbs/train.ipynb -p alpha=0.5 -p fit_intercept=false\n\nnbprod run train --force[/dim]")
+def run(target: Annotated[Optional[str], typer.Argument(help="A notebook (.ipynb) or the name of a pipeline in pyproject.toml.",
+                                                         show_default=False)] = None,
         param: Annotated[Optional[list[str]], typer.Option('-p', '--param', help="A parameter as name=value; repeat for more.")] = None,
-        profile: ProfileOpt = None):
-    "Run a notebook with parameters as a tracked MLflow run."
+        profile: ProfileOpt = None,
+        force: Annotated[bool, typer.Option('--force', help="Pipelines: re-run every step, cached or not.")] = False,
+        resume: Annotated[Optional[str], typer.Option('--resume', metavar='RUN_ID', show_default=False,
+                                                      help="Pipelines: continue a failed or killed pipeline run.")] = None):
+    "Run a notebook, or a pipeline of notebooks on Ray, as tracked MLflow runs."
+    if resume or (target and not target.endswith('.ipynb') and not Path(target).is_file()):
+        return _run_pipeline(target, param, profile, force, resume)
+    if target is None:
+        err.print("[bold red]error:[/bold red] give a notebook or a pipeline name (or --resume RUN_ID)")
+        raise typer.Exit(2)
+    if force:
+        err.print("[bold red]error:[/bold red] --force is for pipelines; a notebook run always runs")
+        raise typer.Exit(2)
+    notebook = Path(target)
     from nbprod.recorder import Recorder
     rec = Recorder()  # first: it imports MLflow on the other core while this process imports papermill
     from nbprod.params import parse_assignments
@@ -102,6 +120,137 @@ def run(notebook: Annotated[Path, typer.Argument(help="The notebook to run.", sh
     t.add_row("output notebook", res.output_notebook)
     if res.html: t.add_row("html", res.html)
     out.print(t, highlight=False)
+
+# %% ../nbs/10_cli.ipynb #c1d15ea9
+_COLOUR = {'waiting': 'dim', 'running': 'cyan', 'FINISHED': 'green', 'CACHED': 'blue', 'REUSED': 'blue',
+           'FAILED': 'red', 'KILLED': 'yellow', 'SKIPPED': 'dim'}
+
+def _status(s:str) -> str: return f"[{_COLOUR.get(s, 'white')}]{s.lower() if s in ('waiting', 'running') else s}[/]"
+
+class _Live:
+    "What `rich.live.Live` shows while jobs run: one row per job, re-rendered on every refresh."
+    def __init__(self, title:str, labels:dict|None=None):
+        self.title,self.labels,self.states,self.t0 = title,labels or {},{},time.monotonic()
+    def update(self, states): self.states = dict(states)
+    def __rich__(self):
+        now = time.monotonic()
+        t = Table(box=None, title=f"{self.title}  [dim]{now - self.t0:.0f}s[/dim]", title_justify='left')
+        for c in ('', 'status', 'cell', 'time', ''): t.add_column(c, no_wrap=c != '')
+        for k,st in self.states.items():
+            cell = f"{st.cell[0] + 1}/{st.cell[1]}" if st.status == 'running' and st.cell else ''
+            secs = (st.ended or now) - st.started if st.started else (st.outcome.duration if st.outcome else None)
+            note = st.outcome.message if st.outcome and st.outcome.message else ''
+            t.add_row(self.labels.get(k, k), _status(st.status), cell, f"{secs:.1f}s" if secs else '', escape(note))
+        return t
+
+def _live(title, labels=None):
+    from rich.live import Live
+    board = _Live(title, labels)
+    return board, Live(board, console=err, transient=True, refresh_per_second=4)
+
+# %% ../nbs/10_cli.ipynb #c8781c2b
+def _versions(client, run_ids) -> list[str]:
+    "'name vN' for each model version registered from one of `run_ids`."
+    out = []
+    for rid in run_ids:
+        try: out += [f"{v.name} v{v.version}" for v in client.search_model_versions(f"run_id = '{rid}'")]
+        except Exception: pass
+    return out
+
+def _pipeline_summary(res, settings):
+    from nbprod.store import tracking_client
+    t = Table(box=None, title=f"pipeline {res.name}: {_status(res.status)} in {res.duration:.1f}s  [dim]run {res.run_id}[/dim]",
+              title_justify='left')
+    for c,kw in [('step', {'no_wrap': True}), ('status', {'no_wrap': True}), ('time', {'justify': 'right', 'no_wrap': True}),
+                 ('run', {'no_wrap': True}), ('metrics', {'overflow': 'fold'})]:
+        t.add_column(c, **kw)
+    for n,st in res.steps.items():
+        oc = st.outcome
+        t.add_row(n, _status(oc.status), f"{oc.duration:.1f}s" if oc.duration else '', oc.run_id[:12],
+                  _metrics(oc.metrics, 6) if oc.ok else escape(oc.message))
+    out.print(t, highlight=False)
+    ran = [st.outcome.run_id for st in res.steps.values() if st.outcome.status == 'FINISHED']
+    models = _versions(tracking_client(settings), ran)
+    if models: out.print("registered:", ", ".join(models), highlight=False)
+    out.print("output notebooks:", highlight=False)
+    for n,st in res.steps.items():
+        if st.outcome.output_notebook: out.print(f"  {n}: {st.outcome.output_notebook}", highlight=False, soft_wrap=True)
+
+def _print_failures(e:PipelineFailed):
+    for n,f in e.failures.items():
+        err.print(f"[bold red]{f.status}[/bold red] step [bold]{n}[/bold] (run {f.run_id or '-'})")
+        if f.cell_index is not None: err.print(f"  cell:  {f.cell_index}")
+        if f.ename: err.print(f"  error: {f.ename}: {f.evalue or f.message}", highlight=False, markup=False)
+        elif f.message: err.print(f"  error: {f.message}", highlight=False, markup=False)
+        if f.output_notebook: err.print(f"  output notebook: {f.output_notebook}", highlight=False, soft_wrap=True)
+
+def _run_pipeline(name, param, profile, force, resume):
+    from nbprod.params import parse_assignments
+    from nbprod.pipeline_runs import run_pipeline
+    from nbprod.settings import load_settings
+    try:
+        values = parse_assignments(param or [])
+        settings = load_settings(profile=profile)
+        board,live = _live(f"pipeline {name or 'resumed from ' + resume}")
+        with live:
+            res = run_pipeline(name, values, settings=settings, force=force, resume=resume, on_update=board.update,
+                               raise_on_failure=False)
+    except NbprodError as e: _fail(e)
+    except KeyboardInterrupt:
+        err.print("[yellow]KILLED[/yellow] stopped; `nbprod runs` shows the pipeline run, `nbprod run --resume RUN_ID` continues it")
+        raise typer.Exit(130)
+    _pipeline_summary(res, settings)
+    if not res.ok:
+        from nbprod.errors import PipelineFailed
+        e = PipelineFailed(f"pipeline {res.name!r} {res.status}", run_id=res.run_id, status=res.status, failures=res.failures(),
+                           hint=f"fix it, then `nbprod run --resume {res.run_id}` runs what did not finish")
+        _print_failures(e)
+        _fail(e)
+    out.print(f"next: [bold]nbprod runs[/bold] to list runs; change a parameter (-p) and run again: unchanged steps are cached",
+              highlight=False)
+
+# %% ../nbs/10_cli.ipynb #44406969
+@app.command(epilog="[dim]nbprod sweep nbs/train.ipynb -p alpha=0.01,0.1,1 -p fit_intercept=true,false --sort rmse[/dim]")
+def sweep(notebook: Annotated[Path, typer.Argument(help="The notebook to sweep.", show_default=False)],
+          param: Annotated[list[str], typer.Option('-p', '--param', help="name=v1,v2,...; repeat for a grid.")],
+          sort: Annotated[Optional[str], typer.Option('--sort', help="Metric to sort the table by.")] = None,
+          desc: Annotated[bool, typer.Option('--desc', help="Sort descending (largest first).")] = False,
+          profile: ProfileOpt = None):
+    "Run a grid of parameter values as parallel tracked runs on Ray, under one parent run."
+    from nbprod.sweeps import grid_points, parse_grid, run_sweep
+    from nbprod.settings import load_settings
+    try:
+        grid = parse_grid(param)
+        if not notebook.is_file():
+            from nbprod.errors import NotebookNotFound
+            raise NotebookNotFound(f"no notebook at {notebook}", hint="give the path of an .ipynb file")
+        settings = load_settings(notebook.resolve().parent, profile)
+        points = grid_points(notebook, grid, settings.secrets)
+        labels = {str(i): ", ".join(f"{k}={v}" for k,v in p.items()) for i,p in enumerate(points)}
+        board,live = _live(f"sweep {notebook.name}: {len(points)} points", labels)
+        with live: res = run_sweep(notebook, grid, settings=settings, on_update=board.update)
+    except NbprodError as e: _fail(e)
+    except KeyboardInterrupt:
+        err.print("[yellow]KILLED[/yellow] stopped; finished points are recorded")
+        raise typer.Exit(130)
+    names = res.metric_names()
+    if sort and sort not in names:
+        err.print(f"[yellow]warning:[/yellow] no point logged a metric {sort!r}; metrics: {', '.join(names) or '(none)'}")
+    t = Table(box=None, title=f"sweep {notebook.name}: {_status(res.status)} in {res.duration:.1f}s  [dim]run {res.run_id}[/dim]",
+              title_justify='left')
+    keys = list(grid)
+    for c in [*keys, 'status', *names, 'run']: t.add_column(c, no_wrap=True, justify='right' if c in names else 'left')
+    for p,st in res.sorted(sort if sort in names else None, desc):
+        oc = st.outcome
+        row = [str(p[k]) for k in keys] + [_status(oc.status)]
+        row += [f"{oc.metrics[m]:.4g}" if m in oc.metrics else '' for m in names] + [oc.run_id[:12]]
+        t.add_row(*row)
+    out.print(t, highlight=False)
+    bad = [(p, st.outcome) for p,st in res.points if not st.outcome.ok]
+    for p,oc in bad:
+        err.print(f"[red]{oc.status}[/red] {', '.join(f'{k}={v}' for k,v in p.items())}: cell {oc.cell_index}: "
+                  f"{escape(oc.ename)}: {escape(oc.evalue or oc.message)}  [dim]{oc.output_notebook}[/dim]", highlight=False)
+    if bad: raise typer.Exit(1)
 
 # %% ../nbs/10_cli.ipynb #e1e39426
 @app.command()
