@@ -3,6 +3,7 @@
 d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_url': '', 'lib_path': 'bikeshare'},
   'syms': { 'bikeshare.data': { 'bikeshare.data.DataCheckError': ('ingest.html#datacheckerror', 'bikeshare/data.py'),
                                 'bikeshare.data.DataCheckError.__init__': ('ingest.html#datacheckerror.__init__', 'bikeshare/data.py'),
+                                'bikeshare.data.DataCheckError.__reduce__': ('ingest.html#datacheckerror.__reduce__', 'bikeshare/data.py'),
                                 'bikeshare.data.DataCheckError.checks': ('ingest.html#datacheckerror.checks', 'bikeshare/data.py'),
                                 'bikeshare.data.Failure': ('ingest.html#failure', 'bikeshare/data.py'),
                                 'bikeshare.data.Failure.__str__': ('ingest.html#failure.__str__', 'bikeshare/data.py'),

@@ -158,3 +158,11 @@ def test_bad_csv_is_loaded_then_reported(tmp_path):
     e = failures(df)
     assert e.checks == ['temp has float values (found str)', 'mnth is a month name', 'hr in 0..23']
     assert "row 2 (temp='cold')" in str(e) and "row 0 (mnth='Janvier')" in str(e) and 'row 1 (hr=24)' in str(e)
+
+
+def test_the_error_pickles(df):
+    "It crosses process boundaries (a Ray task) intact."
+    import pickle
+    df.loc[5, 'hr'] = 24
+    e = pickle.loads(pickle.dumps(failures(df)))
+    assert isinstance(e, DataCheckError) and e.checks == ['hr in 0..23'] and 'row 5 (hr=24)' in str(e)
