@@ -1,6 +1,6 @@
 # nbprod: two commands on a fresh machine.
-#   make demo   run the main job on the embedded default (local store, MLflow on SQLite)
-#   make test   the whole suite: export drift, clean notebooks, notebook tests, pytest, docs
+#   make demo   the bike-share pipeline end to end on the embedded default (local Ray, MLflow on SQLite)
+#   make test   the whole suite: export drift, clean notebooks, notebook tests, pytest, docs, the example
 # Everything installs from the committed lock file (requirements.lock) into .venv/.
 
 SHELL := /bin/bash
@@ -11,7 +11,7 @@ UV_VERSION := 0.13.8
 STAMP := $(VENV)/.nbprod-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install lock export check-export nbtest pytest docs test demo lab clean
+.PHONY: help install lock export check-export nbtest pytest docs example test demo lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -44,14 +44,22 @@ pytest: install  ## cross-process tests: kernels, MLflow, CLI
 docs: install  ## build the documentation site, warnings are errors
 	$(BIN)/python docs/build.py
 
-test: check-export nbtest pytest docs  ## the whole suite
+EXAMPLE := examples/bikeshare
+example: install  ## the bike-share example's own suite: export drift, notebook tests, pytest (its pipeline included)
+	cd $(EXAMPLE) && $(abspath $(BIN))/nbprod check
+	cd $(EXAMPLE) && $(abspath $(BIN))/nbdev-test --n-workers 1
+	cd $(EXAMPLE) && $(abspath $(BIN))/python -m pytest -q tests
 
-DEMO := build/demo
-demo: install  ## scaffold a small project and run its training notebook, tracked
-	rm -rf $(DEMO)
-	$(BIN)/nbprod new demo --dir $(dir $(DEMO))
-	cd $(DEMO) && $(abspath $(BIN))/nbprod run nbs/train.ipynb -p alpha=0.5
-	cd $(DEMO) && $(abspath $(BIN))/nbprod runs
+test: check-export nbtest pytest docs example  ## the whole suite
+
+demo: install  ## run the bike-share pipeline (ingest -> features -> train, evaluate) on local Ray, tracked in MLflow
+	cd $(EXAMPLE) && $(abspath $(BIN))/nbprod run train
+	@echo
+	@echo "next, in $(EXAMPLE) (with $(abspath $(BIN)) on PATH):"
+	@echo "  nbprod runs                                       # the pipeline run and its steps"
+	@echo "  nbprod run train -p learning_rate=0.05            # ingest and features are cached; train and evaluate re-run"
+	@echo "  nbprod sweep nbs/02_train.ipynb -p learning_rate=0.05,0.1,0.2 -p max_leaf_nodes=15,31 --sort val_rmse"
+	@echo "  mlflow ui --backend-store-uri sqlite:///.nbprod/mlflow.db    # runs, nested steps, the registered model"
 
 lab: install  ## JupyterLab on the project's own kernel
 	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir nbs
