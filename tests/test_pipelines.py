@@ -283,3 +283,23 @@ def test_resume_after_the_runner_is_killed(tmp_path):
     assert rows == {'a': 'REUSED', 'b': 'FINISHED', 'c': 'REUSED', 'd': 'FINISHED'}, r.stdout
     old = p.client().get_run(parent.info.run_id)
     assert old.info.status == 'KILLED' and p.client().get_run(b.info.run_id).info.status == 'KILLED'
+
+
+def test_secrets_reach_steps_on_the_cluster_and_are_never_stored(tmp_path, ray_head):
+    "The secret is set only in the runner's environment: it travels with the task to the cluster's worker, never as a param."
+    p = make_project(tmp_path/'s', '''
+[tool.nbprod.secrets]
+api_token = "PIPES_API_TOKEN"
+
+[tool.nbprod.pipelines.secret.steps.use]
+notebook = "nbs/secret.ipynb"
+products = ["out/len.txt"]
+''')
+    p.notebook('secret', 'api_token = ""', 'import os; os.makedirs("../out", exist_ok=True)',
+               'assert api_token[:3] == "s3c" and len(api_token) == 12, "the secret did not arrive"',
+               'open("../out/len.txt", "w").write(str(len(api_token))); print(api_token)')
+    r = p.cli('run', 'secret', env=p.env(NBPROD_RAY_ADDRESS=ray_head[0], PIPES_API_TOKEN='s3cr3t-value', **RAY_ENV))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (p.root/'out'/'len.txt').read_text() == '12'
+    leaks = [f for f in p.root.rglob('*') if f.is_file() and b's3cr3t-value' in f.read_bytes()]
+    assert leaks == [] and 's3cr3t-value' not in r.stdout + r.stderr

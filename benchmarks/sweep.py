@@ -1,0 +1,265 @@
+"""How much faster is `nbprod sweep` than the same grid run as sequential `papermill` calls?
+
+Creates a throw-away nbprod project whose notebook does ~1 s of CPU work per point, times (wall clock, as
+subprocesses) one `nbprod sweep` of `--points` points against as many sequential `papermill` CLI calls, and writes
+benchmarks/results/sweep.json. Run from the repository root:
+
+    .venv/bin/python benchmarks/sweep.py [--points 16] [--repeats 2]
+"""
+import argparse, datetime, json, os, platform, shlex, statistics, subprocess, sys, tempfile, time
+from importlib.metadata import version
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook
+from rich.console import Console
+from rich.table import Table
+
+BIN = Path(sys.executable).parent          # the venv's bin/ (not resolved: keep the venv's python)
+TARGET = 1.6                               # nbprod sweep must be at least this many times faster than papermill
+RESULTS = Path(__file__).parent/'results'/'sweep.json'
+
+# The work: a pure-Python LCG loop (CPU-bound, holds one core), calibrated here to ~1 s.
+WORK = """t0 = time.perf_counter()
+acc = seed
+for _ in range({n}): acc = (acc * 1103515245 + 12345) & 0x7fffffff
+score = acc / 2**31
+work_seconds = time.perf_counter() - t0
+print(f"work_seconds={{work_seconds:.4f}}")"""
+# Tracking: under nbprod (NBPROD_RUN_FILE/NBPROD_RUN_ID set) the metrics go to the point's run; under plain papermill
+# the notebook logs nothing (unless BENCH_TRACK is set: then `track` makes an interactive run, see the breakdown).
+LOG = """if os.environ.get('NBPROD_RUN_FILE') or os.environ.get('NBPROD_RUN_ID') or os.environ.get('BENCH_TRACK'):
+    track.log_metrics({'score': score, 'work_seconds': work_seconds})"""
+CALIBRATE = """import json, sys, time
+def work(n, seed=0):
+    t0 = time.perf_counter(); acc = seed
+    for _ in range(n): acc = (acc * 1103515245 + 12345) & 0x7fffffff
+    return time.perf_counter() - t0
+n = 200_000
+while (t := work(n)) < 0.2: n *= 2
+n = int(n * float(sys.argv[1]) / t)
+print(json.dumps({'n': n, 'seconds': sorted(work(n) for _ in range(3))[1]}))
+"""
+RAY_PROBE = """import json, logging, time
+t0 = time.perf_counter()
+import ray
+t1 = time.perf_counter()
+from nbprod.cluster import connect
+from nbprod.settings import load_settings
+s = load_settings()
+t2 = time.perf_counter()
+connect(s)          # what `nbprod sweep` does: ray.init(address='local', ...)
+t3 = time.perf_counter()
+ray.shutdown()
+t4 = time.perf_counter()
+print(json.dumps({'import ray': t1 - t0, 'ray.init (local)': t3 - t2, 'ray.shutdown': t4 - t3}))
+"""
+KERNEL_PROBE = """import json, time
+from jupyter_client.manager import start_new_kernel
+out = []
+for _ in range(3):
+    t = time.perf_counter()
+    km, kc = start_new_kernel(kernel_name='python3')
+    out.append(time.perf_counter() - t)
+    kc.stop_channels(); km.shutdown_kernel(now=True)
+print(json.dumps(sorted(out)[1]))
+"""
+
+
+def make_project(root: Path, n: int):
+    "A minimal nbprod project: pyproject.toml, empty settings.ini, nbs/work.ipynb with parameter `seed` and ~1 s of work."
+    (root/'pyproject.toml').write_text('[project]\nname = "bench"\n\n[tool.nbprod]\nexperiment = "bench"\n')
+    (root/'settings.ini').write_text('')
+    nb = new_notebook(cells=[new_code_cell('seed = 0', metadata={'tags': ['parameters']}),
+                             new_code_cell('import os, time\nfrom nbprod import track'),
+                             new_code_cell(WORK.format(n=n)), new_code_cell(LOG)])
+    nb.metadata.kernelspec = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    (root/'nbs').mkdir()
+    (root/'out').mkdir()
+    nbformat.write(nb, root/'nbs'/'work.ipynb')
+
+
+def timed(cmd, cwd, env) -> tuple[float, float, float]:
+    "(seconds, wall-clock start, end) of `cmd`; raises with its output when it fails."
+    start, t = time.time(), time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if r.returncode: raise RuntimeError(f"{shlex.join(map(str, cmd))} exited {r.returncode}\n{r.stderr}{r.stdout}")
+    return elapsed, start, start + elapsed
+
+
+def probe(code, cwd, env, *args):
+    r = subprocess.run([sys.executable, '-c', code, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f"probe failed\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def ray_pids() -> dict[int, str]:
+    "Running raylet / gcs_server processes: pid -> command line."
+    out = {}
+    for p in Path('/proc').iterdir():
+        if not p.name.isdigit(): continue
+        try: cmd = (p/'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace').strip()
+        except OSError: continue
+        if any(Path(a).name in ('raylet', 'gcs_server') for a in cmd.split()[:1]): out[int(p.name)] = cmd
+    return out
+
+
+def wait_ray_gone(before: set, timeout: float = 20) -> dict:
+    "Waits for raylet/gcs_server processes not in `before` to end; returns those still running."
+    deadline = time.monotonic() + timeout
+    while (left := {k: v for k, v in ray_pids().items() if k not in before}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def cell_durations(path) -> dict:
+    "papermill's durations (seconds) of the import, work and log cells of an executed work notebook."
+    nb = nbformat.read(path, as_version=4)
+    roles = {'import os': 'import', 't0 = ': 'work', 'if os.environ': 'log'}
+    return {role: c.metadata.get('papermill', {}).get('duration') for c in nb.cells
+            for head, role in roles.items() if c.source.startswith(head)}
+
+
+def sweep_timeline(root: Path, tmp: Path, runs: list[dict]) -> list[dict]:
+    "Per nbprod sweep: its child runs' start/end (from the project's SQLite store) against the process's wall clock."
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{root/'.nbprod'/'mlflow.db'}")
+    exp = client.get_experiment_by_name('bench')
+    parents = client.search_runs([exp.experiment_id], "tags.`nbprod.kind` = 'sweep'", order_by=['attributes.start_time ASC'])
+    out = []
+    for r in runs:
+        p = next(p for p in parents if r['start'] <= p.info.start_time/1000 <= r['end'])
+        kids = client.search_runs([exp.experiment_id], f"tags.`nbprod.parent_run` = '{p.info.run_id}'")
+        kids = [k for k in kids if k.info.status == 'FINISHED']
+        starts, ends = [k.info.start_time/1000 for k in kids], [k.info.end_time/1000 for k in kids]
+        durs = sorted(e - s for s, e in zip(starts, ends))
+        cells = []
+        for k in kids:   # the stored output notebook: papermill's per-cell durations inside the sweep
+            nbpath = Path(client.download_artifacts(k.info.run_id, 'notebook/work.ipynb', str(tmp/'dl'/k.info.run_id)))
+            cells.append(cell_durations(nbpath))
+        out.append(dict(points=len(kids), point_seconds_median=statistics.median(durs), point_seconds_min=durs[0],
+                        point_seconds_max=durs[-1], work_seconds_median=statistics.median(k.data.metrics['work_seconds'] for k in kids),
+                        **{f'{k}_cell_seconds_median': statistics.median(c[k] for c in cells) for k in ('import', 'work', 'log')},
+                        to_first_point_start=min(starts) - r['start'], points_span=max(ends) - min(starts),
+                        after_last_point_end=r['end'] - max(ends), sum_point_seconds=sum(durs)))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--points', type=int, default=16, help="grid points: seed=0..points-1")
+    ap.add_argument('--repeats', type=int, default=2, help="timed (papermill batch, nbprod sweep) pairs, order alternating")
+    ap.add_argument('--work', type=float, default=1.0, help="seconds of CPU work per point (calibrated on this machine)")
+    ap.add_argument('--no-breakdown', action='store_true', help="skip the Ray/kernel/tracking probes")
+    ap.add_argument('--out', type=Path, default=RESULTS)
+    args = ap.parse_args()
+    console = Console()
+    seeds = range(args.points)
+    nbprod = [str(BIN/'nbprod'), 'sweep', 'nbs/work.ipynb', '-p', 'seed=' + ','.join(map(str, seeds)), '--sort', 'score']
+    papermill = lambda i: [str(BIN/'papermill'), 'nbs/work.ipynb', f'out/work-{i}.ipynb', '-p', 'seed', str(i)]
+    ray_before = set(ray_pids())
+
+    with tempfile.TemporaryDirectory(prefix='nbprod-bench-') as tmp:
+        tmp = Path(tmp)
+        root = tmp/'bench'
+        root.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith('NBPROD_') and k != 'BENCH_TRACK'}
+        env.pop('PYTHONDONTWRITEBYTECODE', None)   # as in run_overhead.py: a private .pyc cache, filled by the warm-up
+        env['PYTHONPYCACHEPREFIX'] = str(tmp/'pycache')
+        cal = probe(CALIBRATE, tmp, env, args.work)
+        console.print(f"work loop: {cal['n']:,} iterations = {cal['seconds']:.2f}s alone on this machine")
+        make_project(root, cal['n'])
+        run = lambda cmd, **extra: timed(cmd, root, {**env, **extra})
+
+        def batch():
+            t, start, calls = time.perf_counter(), time.time(), []
+            for i in seeds: calls.append(run(papermill(i))[0])
+            elapsed = time.perf_counter() - t
+            work = [float(nbformat.read(root/'out'/f'work-{i}.ipynb', as_version=4).cells[3].outputs[0].text.split('=')[1])
+                    for i in seeds]   # cell 0 is papermill's injected parameters
+            return elapsed, dict(start=start, calls=calls, work=work)
+
+        def sweep():
+            elapsed, start, end = run(nbprod)
+            left = wait_ray_gone(ray_before)
+            if left: console.print(f"[red]Ray processes still running after nbprod sweep exited:[/red] {sorted(left)}")
+            return elapsed, dict(start=start, end=end, ray_left=sorted(left))
+
+        console.print(f"warm-up (project in {root}): one papermill call, one 2-point nbprod sweep")
+        warm = {'papermill': run(papermill(0))[0],
+                'nbprod': run([*nbprod[:3], '-p', 'seed=0,1', '--sort', 'score'])[0]}   # creates the SQLite store
+        wait_ray_gone(ray_before)
+        times, detail = {'papermill': [], 'nbprod': []}, {'papermill': [], 'nbprod': []}
+        for r in range(args.repeats):
+            order = ['papermill', 'nbprod'] if r % 2 == 0 else ['nbprod', 'papermill']
+            for k in order:
+                s, d = batch() if k == 'papermill' else sweep()
+                times[k].append(s); detail[k].append(d)
+            console.print(f"  pair {r+1}/{args.repeats} ({' then '.join(order)}): papermill {times['papermill'][-1]:.1f}s"
+                          f"  nbprod {times['nbprod'][-1]:.1f}s")
+
+        breakdown = None
+        if not args.no_breakdown:
+            console.print("breakdown: Ray start-up, kernel start-up, papermill with tracking, sweep timeline")
+            rays = [probe(RAY_PROBE, root, env) for _ in range(2)]
+            wait_ray_gone(ray_before)
+            kernel = probe(KERNEL_PROBE, root, env)
+            tracked = [run(papermill(i), BENCH_TRACK='1', NBPROD_STORE=str(tmp/'papermill-store'))[0] for i in range(3)]
+            tl = sweep_timeline(root, tmp, [d for d in detail['nbprod']])
+            pm_calls = [c for d in detail['papermill'] for c in d['calls']]
+            pm_work = [w for d in detail['papermill'] for w in d['work']]
+            breakdown = {
+                'ray_start_up': {k: round(statistics.median(r[k] for r in rays), 3) for k in rays[0]},
+                'kernel_start_seconds': round(kernel, 3),
+                'papermill_call_seconds_median': round(statistics.median(pm_calls), 3),
+                'papermill_work_seconds_median': round(statistics.median(pm_work), 3),
+                'papermill_tracked_call_seconds_median': round(statistics.median(tracked[1:]), 3),
+                'nbprod_sweeps': [{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()} for t in tl]}
+        ray_left = wait_ray_gone(ray_before)
+
+    ratios = [p/n for p, n in zip(times['papermill'], times['nbprod'])]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio, ratio_of_medians = statistics.median(ratios), med['papermill']/med['nbprod']
+    t = Table('', 'median s', 'min s', 'max s', 'warm-up s', title=f"{args.points} points, {args.repeats} pairs")
+    t.add_row(f'{args.points} x papermill', *(f"{f(times['papermill']):.1f}" for f in (statistics.median, min, max)),
+              f"{warm['papermill']:.1f} (1 call)")
+    t.add_row('nbprod sweep', *(f"{f(times['nbprod']):.1f}" for f in (statistics.median, min, max)),
+              f"{warm['nbprod']:.1f} (2 points)")
+    console.print(t)
+    ok = ratio >= TARGET
+    console.print(f"speed-up papermill/nbprod: [bold]{ratio:.2f}x[/bold] (ratio of medians {ratio_of_medians:.2f}); "
+                  f"target >= {TARGET}: " + ("[green]met[/green]" if ok else "[red]not met[/red]"))
+    extra = {}
+    if breakdown:
+        rinit = breakdown['ray_start_up']['ray.init (local)']
+        ex = [p/(n - rinit) for p, n in zip(times['papermill'], times['nbprod'])]
+        extra['ratio_excluding_ray_init'] = round(statistics.median(ex), 3)
+        console.print(f"excluding ray.init ({rinit:.1f}s, measured separately): {extra['ratio_excluding_ray_init']:.2f}x")
+        console.print_json(data=breakdown)
+    if ray_left: console.print(f"[red]Ray processes left running:[/red] {ray_left}")
+
+    r3 = lambda xs: [round(x, 3) for x in xs]
+    result = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        host=dict(cpu_count=os.cpu_count(), platform=platform.platform()), python=platform.python_version(),
+        versions={p: version(p) for p in ('nbprod', 'papermill', 'ray', 'mlflow')},
+        command=shlex.join([sys.executable, *sys.argv]),
+        commands=dict(papermill=shlex.join(papermill('{i}')) + f"  # for i in 0..{args.points-1}, sequentially",
+                      nbprod=shlex.join(nbprod)),
+        points=args.points, repeats=args.repeats, work_iterations=cal['n'], work_seconds_alone=round(cal['seconds'], 3),
+        papermill_tracking='none: the notebook logs its metrics only under nbprod (NBPROD_RUN_FILE set)',
+        bytecode='private PYTHONPYCACHEPREFIX cache, filled by the warm-up',
+        warm_up={k: round(v, 3) for k, v in warm.items()},
+        times={k: r3(v) for k, v in times.items()}, papermill_call_seconds=[r3(d['calls']) for d in detail['papermill']],
+        medians={k: round(v, 3) for k, v in med.items()}, ratios=r3(ratios), ratio=round(ratio, 3),
+        ratio_of_medians=round(ratio_of_medians, 3), **extra, target=TARGET, target_met=ok,
+        ray_processes_left=sorted(ray_left))
+    if breakdown: result['breakdown'] = breakdown
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + '\n')
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == '__main__':
+    main()
