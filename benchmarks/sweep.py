@@ -6,9 +6,10 @@ benchmarks/results/sweep.json. Run from the repository root:
 
     .venv/bin/python benchmarks/sweep.py [--points 16] [--repeats 2]
 """
-import argparse, datetime, json, os, platform, shlex, statistics, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, platform, re, shlex, signal, statistics, subprocess, sys, tempfile, time
 from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
@@ -79,38 +80,52 @@ def make_project(root: Path, n: int):
     nbformat.write(nb, root/'nbs'/'work.ipynb')
 
 
+def load() -> float: return float(Path('/proc/loadavg').read_text().split()[0])
+
+
+def ray_processes(driver: int) -> list[int]:
+    "Processes of the local Ray that process `driver` started (Ray names its session session_<date>_<driver pid>)."
+    mine = re.compile(rf'session_[-_0-9]+_{driver}\b')
+    out = []
+    for p in Path('/proc').iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid(): continue
+        try: cmd = (p/'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
+        except OSError: continue
+        if mine.search(cmd): out.append(int(p.name))
+    return sorted(out)
+
+
+LEFT = []   # Ray processes that outlived the process that started them (ended here, and reported)
+
+
+def reap_ray(driver: int, grace: float = 15):
+    "Waits for the Ray processes `driver` started to end; ends (SIGTERM, by pid) and records any still running after `grace`."
+    deadline = time.monotonic() + grace
+    while (left := ray_processes(driver)) and time.monotonic() < deadline: time.sleep(0.5)
+    for pid in left:
+        LEFT.append(pid)
+        try: os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+
+
 def timed(cmd, cwd, env) -> tuple[float, float, float]:
     "(seconds, wall-clock start, end) of `cmd`; raises with its output when it fails."
     start, t = time.time(), time.perf_counter()
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate()
     elapsed = time.perf_counter() - t
-    if r.returncode: raise RuntimeError(f"{shlex.join(map(str, cmd))} exited {r.returncode}\n{r.stderr}{r.stdout}")
+    reap_ray(p.pid)
+    if p.returncode: raise RuntimeError(f"{shlex.join(map(str, cmd))} exited {p.returncode}\n{err}{out}")
     return elapsed, start, start + elapsed
 
 
 def probe(code, cwd, env, *args):
-    r = subprocess.run([sys.executable, '-c', code, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
-    if r.returncode: raise RuntimeError(f"probe failed\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def ray_pids() -> dict[int, str]:
-    "Running raylet / gcs_server processes: pid -> command line."
-    out = {}
-    for p in Path('/proc').iterdir():
-        if not p.name.isdigit(): continue
-        try: cmd = (p/'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace').strip()
-        except OSError: continue
-        if any(Path(a).name in ('raylet', 'gcs_server') for a in cmd.split()[:1]): out[int(p.name)] = cmd
-    return out
-
-
-def wait_ray_gone(before: set, timeout: float = 20) -> dict:
-    "Waits for raylet/gcs_server processes not in `before` to end; returns those still running."
-    deadline = time.monotonic() + timeout
-    while (left := {k: v for k, v in ray_pids().items() if k not in before}) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
+    p = subprocess.Popen([sys.executable, '-c', code, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate()
+    reap_ray(p.pid)
+    if p.returncode: raise RuntimeError(f"probe failed\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def cell_durations(path) -> dict:
@@ -136,8 +151,7 @@ def sweep_timeline(root: Path, tmp: Path, runs: list[dict]) -> list[dict]:
         durs = sorted(e - s for s, e in zip(starts, ends))
         cells = []
         for k in kids:   # the stored output notebook: papermill's per-cell durations inside the sweep
-            nbpath = Path(client.download_artifacts(k.info.run_id, 'notebook/work.ipynb', str(tmp/'dl'/k.info.run_id)))
-            cells.append(cell_durations(nbpath))
+            cells.append(cell_durations(Path(unquote(urlparse(k.info.artifact_uri).path))/'notebook'/'work.ipynb'))
         out.append(dict(points=len(kids), point_seconds_median=statistics.median(durs), point_seconds_min=durs[0],
                         point_seconds_max=durs[-1], work_seconds_median=statistics.median(k.data.metrics['work_seconds'] for k in kids),
                         **{f'{k}_cell_seconds_median': statistics.median(c[k] for c in cells) for k in ('import', 'work', 'log')},
@@ -151,6 +165,8 @@ def main():
     ap.add_argument('--points', type=int, default=16, help="grid points: seed=0..points-1")
     ap.add_argument('--repeats', type=int, default=2, help="timed (papermill batch, nbprod sweep) pairs, order alternating")
     ap.add_argument('--work', type=float, default=1.0, help="seconds of CPU work per point (calibrated on this machine)")
+    ap.add_argument('--papermill-tracks', action='store_true',
+                    help="papermill's notebook logs its metrics too (an interactive `track` run in a store of its own)")
     ap.add_argument('--no-breakdown', action='store_true', help="skip the Ray/kernel/tracking probes")
     ap.add_argument('--out', type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -158,7 +174,6 @@ def main():
     seeds = range(args.points)
     nbprod = [str(BIN/'nbprod'), 'sweep', 'nbs/work.ipynb', '-p', 'seed=' + ','.join(map(str, seeds)), '--sort', 'score']
     papermill = lambda i: [str(BIN/'papermill'), 'nbs/work.ipynb', f'out/work-{i}.ipynb', '-p', 'seed', str(i)]
-    ray_before = set(ray_pids())
 
     with tempfile.TemporaryDirectory(prefix='nbprod-bench-') as tmp:
         tmp = Path(tmp)
@@ -171,10 +186,12 @@ def main():
         console.print(f"work loop: {cal['n']:,} iterations = {cal['seconds']:.2f}s alone on this machine")
         make_project(root, cal['n'])
         run = lambda cmd, **extra: timed(cmd, root, {**env, **extra})
+        tracking = dict(BENCH_TRACK='1', NBPROD_STORE=str(tmp/'papermill-store'))
+        pm_env = tracking if args.papermill_tracks else {}
 
         def batch():
             t, start, calls = time.perf_counter(), time.time(), []
-            for i in seeds: calls.append(run(papermill(i))[0])
+            for i in seeds: calls.append(run(papermill(i), **pm_env)[0])
             elapsed = time.perf_counter() - t
             work = [float(nbformat.read(root/'out'/f'work-{i}.ipynb', as_version=4).cells[3].outputs[0].text.split('=')[1])
                     for i in seeds]   # cell 0 is papermill's injected parameters
@@ -182,20 +199,18 @@ def main():
 
         def sweep():
             elapsed, start, end = run(nbprod)
-            left = wait_ray_gone(ray_before)
-            if left: console.print(f"[red]Ray processes still running after nbprod sweep exited:[/red] {sorted(left)}")
-            return elapsed, dict(start=start, end=end, ray_left=sorted(left))
+            return elapsed, dict(start=start, end=end)
 
         console.print(f"warm-up (project in {root}): one papermill call, one 2-point nbprod sweep")
-        warm = {'papermill': run(papermill(0))[0],
+        warm = {'papermill': run(papermill(0), **pm_env)[0],
                 'nbprod': run([*nbprod[:3], '-p', 'seed=0,1', '--sort', 'score'])[0]}   # creates the SQLite store
-        wait_ray_gone(ray_before)
         times, detail = {'papermill': [], 'nbprod': []}, {'papermill': [], 'nbprod': []}
         for r in range(args.repeats):
             order = ['papermill', 'nbprod'] if r % 2 == 0 else ['nbprod', 'papermill']
             for k in order:
+                l0 = load()
                 s, d = batch() if k == 'papermill' else sweep()
-                times[k].append(s); detail[k].append(d)
+                times[k].append(s); detail[k].append({**d, 'load': [l0, load()]})
             console.print(f"  pair {r+1}/{args.repeats} ({' then '.join(order)}): papermill {times['papermill'][-1]:.1f}s"
                           f"  nbprod {times['nbprod'][-1]:.1f}s")
 
@@ -203,9 +218,8 @@ def main():
         if not args.no_breakdown:
             console.print("breakdown: Ray start-up, kernel start-up, papermill with tracking, sweep timeline")
             rays = [probe(RAY_PROBE, root, env) for _ in range(2)]
-            wait_ray_gone(ray_before)
             kernel = probe(KERNEL_PROBE, root, env)
-            tracked = [run(papermill(i), BENCH_TRACK='1', NBPROD_STORE=str(tmp/'papermill-store'))[0] for i in range(3)]
+            tracked = [run(papermill(i), **tracking)[0] for i in range(3)]   # the first may create the store
             tl = sweep_timeline(root, tmp, [d for d in detail['nbprod']])
             pm_calls = [c for d in detail['papermill'] for c in d['calls']]
             pm_work = [w for d in detail['papermill'] for w in d['work']]
@@ -216,7 +230,6 @@ def main():
                 'papermill_work_seconds_median': round(statistics.median(pm_work), 3),
                 'papermill_tracked_call_seconds_median': round(statistics.median(tracked[1:]), 3),
                 'nbprod_sweeps': [{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()} for t in tl]}
-        ray_left = wait_ray_gone(ray_before)
 
     ratios = [p/n for p, n in zip(times['papermill'], times['nbprod'])]
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -237,7 +250,7 @@ def main():
         extra['ratio_excluding_ray_init'] = round(statistics.median(ex), 3)
         console.print(f"excluding ray.init ({rinit:.1f}s, measured separately): {extra['ratio_excluding_ray_init']:.2f}x")
         console.print_json(data=breakdown)
-    if ray_left: console.print(f"[red]Ray processes left running:[/red] {ray_left}")
+    if LEFT: console.print(f"[red]Ray processes outlived their driver (ended here):[/red] {LEFT}")
 
     r3 = lambda xs: [round(x, 3) for x in xs]
     result = dict(
@@ -248,13 +261,15 @@ def main():
         commands=dict(papermill=shlex.join(papermill('{i}')) + f"  # for i in 0..{args.points-1}, sequentially",
                       nbprod=shlex.join(nbprod)),
         points=args.points, repeats=args.repeats, work_iterations=cal['n'], work_seconds_alone=round(cal['seconds'], 3),
-        papermill_tracking='none: the notebook logs its metrics only under nbprod (NBPROD_RUN_FILE set)',
+        papermill_tracking=('track.log_metrics into an interactive run (BENCH_TRACK=1, NBPROD_STORE in the temp folder)'
+                            if args.papermill_tracks else
+                            'none: the notebook logs its metrics only under nbprod (NBPROD_RUN_FILE set)'),
         bytecode='private PYTHONPYCACHEPREFIX cache, filled by the warm-up',
         warm_up={k: round(v, 3) for k, v in warm.items()},
         times={k: r3(v) for k, v in times.items()}, papermill_call_seconds=[r3(d['calls']) for d in detail['papermill']],
         medians={k: round(v, 3) for k, v in med.items()}, ratios=r3(ratios), ratio=round(ratio, 3),
         ratio_of_medians=round(ratio_of_medians, 3), **extra, target=TARGET, target_met=ok,
-        ray_processes_left=sorted(ray_left))
+        load_1min={k: [d['load'] for d in v] for k, v in detail.items()}, ray_processes_left=LEFT)
     if breakdown: result['breakdown'] = breakdown
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + '\n')

@@ -24,6 +24,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'nbprod.cli._print_failures': ('cli.html#_print_failures', 'nbprod/cli.py'),
                             'nbprod.cli._progress': ('cli.html#_progress', 'nbprod/cli.py'),
                             'nbprod.cli._run_pipeline': ('cli.html#_run_pipeline', 'nbprod/cli.py'),
+                            'nbprod.cli._sigterm': ('cli.html#_sigterm', 'nbprod/cli.py'),
                             'nbprod.cli._status': ('cli.html#_status', 'nbprod/cli.py'),
                             'nbprod.cli._version': ('cli.html#_version', 'nbprod/cli.py'),
                             'nbprod.cli._versions': ('cli.html#_versions', 'nbprod/cli.py'),

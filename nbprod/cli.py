@@ -143,6 +143,11 @@ class _Live:
             t.add_row(self.labels.get(k, k), _status(st.status), cell, f"{secs:.1f}s" if secs else '', escape(note))
         return t
 
+def _sigterm():
+    "SIGTERM stops a pipeline or sweep as Ctrl-C does: running notebooks end KILLED, the parent run too."
+    from nbprod.runs import _signals
+    return _signals(None)
+
 def _live(title, labels=None):
     from rich.live import Live
     board = _Live(title, labels)
@@ -192,12 +197,14 @@ def _run_pipeline(name, param, profile, force, resume):
         values = parse_assignments(param or [])
         settings = load_settings(profile=profile)
         board,live = _live(f"pipeline {name or 'resumed from ' + resume}")
-        with live:
+        with _sigterm(), live:
             res = run_pipeline(name, values, settings=settings, force=force, resume=resume, on_update=board.update,
                                raise_on_failure=False)
     except NbprodError as e: _fail(e)
-    except KeyboardInterrupt:
-        err.print("[yellow]KILLED[/yellow] stopped; `nbprod runs` shows the pipeline run, `nbprod run --resume RUN_ID` continues it")
+    except KeyboardInterrupt as e:
+        rid = getattr(e, 'run_id', None)
+        err.print(f"[yellow]KILLED[/yellow] pipeline run {rid or '(not started)'} stopped"
+                  + (f"; `nbprod run --resume {rid}` continues it" if rid else ""), highlight=False)
         raise typer.Exit(130)
     _pipeline_summary(res, settings)
     if not res.ok:
@@ -228,7 +235,7 @@ def sweep(notebook: Annotated[Path, typer.Argument(help="The notebook to sweep."
         points = grid_points(notebook, grid, settings.secrets)
         labels = {str(i): ", ".join(f"{k}={v}" for k,v in p.items()) for i,p in enumerate(points)}
         board,live = _live(f"sweep {notebook.name}: {len(points)} points", labels)
-        with live: res = run_sweep(notebook, grid, settings=settings, on_update=board.update)
+        with _sigterm(), live: res = run_sweep(notebook, grid, settings=settings, on_update=board.update)
     except NbprodError as e: _fail(e)
     except KeyboardInterrupt:
         err.print("[yellow]KILLED[/yellow] stopped; finished points are recorded")

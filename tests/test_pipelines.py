@@ -303,3 +303,27 @@ products = ["out/len.txt"]
     assert (p.root/'out'/'len.txt').read_text() == '12'
     leaks = [f for f in p.root.rglob('*') if f.is_file() and b's3cr3t-value' in f.read_bytes()]
     assert leaks == [] and 's3cr3t-value' not in r.stdout + r.stderr
+
+
+def test_sigterm_stops_the_pipeline_running_steps_end_killed(pipes):
+    (pipes.root/'hold.b').touch()
+    proc = subprocess.Popen([str(BIN/'nbprod'), 'run', 'diamond'], cwd=pipes.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=pipes.env(NBPROD_RAY_ADDRESS=pipes.address, **RAY_ENV))
+    start = pipes.root/'stamps'/'b.start'
+    deadline = time.time() + 180
+    while not start.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    kernel = json.loads(start.read_text())['pid']
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    [parent] = pipeline_runs(pipes)
+    assert parent.info.status == 'KILLED'
+    assert f'KILLED pipeline run {parent.info.run_id} stopped; `nbprod run --resume {parent.info.run_id}`' in err.replace('\n', ' ')
+    kids = children(pipes, parent.info.run_id)
+    assert kids['b'].info.status == 'KILLED' and 'd' not in kids
+    deadline = time.time() + 30
+    while pid_alive(kernel):
+        assert time.time() < deadline, f"kernel {kernel} still running"
+        time.sleep(0.5)
