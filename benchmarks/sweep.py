@@ -80,6 +80,12 @@ def make_project(root: Path, n: int):
     nbformat.write(nb, root/'nbs'/'work.ipynb')
 
 
+def git_state() -> dict:
+    "The repository's commit and whether nbprod/ differs from it (best effort)."
+    git = lambda *a: subprocess.run(['git', *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+    return dict(commit=git('rev-parse', 'HEAD'), nbprod_dirty=bool(git('status', '--porcelain', '--', 'nbprod')))
+
+
 def load() -> float: return float(Path('/proc/loadavg').read_text().split()[0])
 
 
@@ -256,7 +262,7 @@ def main():
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         host=dict(cpu_count=os.cpu_count(), platform=platform.platform()), python=platform.python_version(),
-        versions={p: version(p) for p in ('nbprod', 'papermill', 'ray', 'mlflow')},
+        versions={p: version(p) for p in ('nbprod', 'papermill', 'ray', 'mlflow')}, git=git_state(),
         command=shlex.join([sys.executable, *sys.argv]),
         commands=dict(papermill=shlex.join(papermill('{i}')) + f"  # for i in 0..{args.points-1}, sequentially",
                       nbprod=shlex.join(nbprod)),

@@ -172,7 +172,7 @@ def _pipeline_summary(res, settings):
     for n,st in res.steps.items():
         oc = st.outcome
         t.add_row(n, _status(oc.status), f"{oc.duration:.1f}s" if oc.duration else '', oc.run_id[:12],
-                  _metrics(oc.metrics, 6) if oc.ok else escape(oc.message))
+                  _metrics(oc.metrics, 4) if oc.ok else escape(oc.message))
     out.print(t, highlight=False)
     ran = [st.outcome.run_id for st in res.steps.values() if st.outcome.status == 'FINISHED']
     models = _versions(tracking_client(settings), ran)
