@@ -89,6 +89,13 @@ def git_state() -> dict:
 def load() -> float: return float(Path('/proc/loadavg').read_text().split()[0])
 
 
+def cpu_ticks() -> tuple[int, int]:
+    "(busy, total) jiffies of all CPUs since boot, every process on the machine."
+    v = [int(x) for x in Path('/proc/stat').read_text().split('\n', 1)[0].split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
 def ray_processes(driver: int) -> list[int]:
     "Processes of the local Ray that process `driver` started (Ray names its session session_<date>_<driver pid>)."
     mine = re.compile(rf'session_[-_0-9]+_{driver}\b')
@@ -134,16 +141,24 @@ def probe(code, cwd, env, *args):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def cell_durations(path) -> dict:
-    "papermill's durations (seconds) of the import, work and log cells of an executed work notebook."
+def notebook_timing(path) -> dict:
+    "From papermill's metadata in an executed work notebook: start/end (epoch s), kernel start-up, cell durations."
     nb = nbformat.read(path, as_version=4)
+    ts = lambda iso: datetime.datetime.fromisoformat(iso).timestamp()
+    meta, code = nb.metadata.papermill, [c for c in nb.cells if c.cell_type == 'code']
     roles = {'import os': 'import', 't0 = ': 'work', 'if os.environ': 'log'}
-    return {role: c.metadata.get('papermill', {}).get('duration') for c in nb.cells
-            for head, role in roles.items() if c.source.startswith(head)}
+    out = dict(start=ts(meta['start_time']), end=ts(meta['end_time']),
+               kernel=ts(code[0].metadata.papermill['start_time']) - ts(meta['start_time']))
+    out.update({f'{role}_cell': c.metadata.papermill['duration'] for c in code
+                for head, role in roles.items() if c.source.startswith(head)})
+    return out
 
 
-def sweep_timeline(root: Path, tmp: Path, runs: list[dict]) -> list[dict]:
-    "Per nbprod sweep: its child runs' start/end (from the project's SQLite store) against the process's wall clock."
+def med(rows, key): return statistics.median(r[key] for r in rows)
+
+
+def sweep_timeline(root: Path, runs: list[dict]) -> list[dict]:
+    "Per nbprod sweep: where its points' time went, from the project's SQLite store and the stored output notebooks."
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{root/'.nbprod'/'mlflow.db'}")
     exp = client.get_experiment_by_name('bench')
@@ -152,17 +167,26 @@ def sweep_timeline(root: Path, tmp: Path, runs: list[dict]) -> list[dict]:
     for r in runs:
         p = next(p for p in parents if r['start'] <= p.info.start_time/1000 <= r['end'])
         kids = client.search_runs([exp.experiment_id], f"tags.`nbprod.parent_run` = '{p.info.run_id}'")
-        kids = [k for k in kids if k.info.status == 'FINISHED']
-        starts, ends = [k.info.start_time/1000 for k in kids], [k.info.end_time/1000 for k in kids]
-        durs = sorted(e - s for s, e in zip(starts, ends))
-        cells = []
-        for k in kids:   # the stored output notebook: papermill's per-cell durations inside the sweep
-            cells.append(cell_durations(Path(unquote(urlparse(k.info.artifact_uri).path))/'notebook'/'work.ipynb'))
-        out.append(dict(points=len(kids), point_seconds_median=statistics.median(durs), point_seconds_min=durs[0],
-                        point_seconds_max=durs[-1], work_seconds_median=statistics.median(k.data.metrics['work_seconds'] for k in kids),
-                        **{f'{k}_cell_seconds_median': statistics.median(c[k] for c in cells) for k in ('import', 'work', 'log')},
-                        to_first_point_start=min(starts) - r['start'], points_span=max(ends) - min(starts),
-                        after_last_point_end=r['end'] - max(ends), sum_point_seconds=sum(durs)))
+        pts = []
+        for k in kids:
+            t = notebook_timing(Path(unquote(urlparse(k.info.artifact_uri).path))/'notebook'/'work.ipynb')
+            pts.append(dict(t, status=k.info.status, run_start=k.info.start_time/1000, run_end=k.info.end_time/1000,
+                            point=k.info.end_time/1000 - t['start'], execute=t['end'] - t['start'],
+                            record=k.info.end_time/1000 - t['end'], work_metric=k.data.metrics.get('work_seconds')))
+        first, last = min(x['start'] for x in pts), max(x['run_end'] for x in pts)
+        out.append(dict(
+            points=len(pts), finished=sum(x['status'] == 'FINISHED' for x in pts),
+            start_to_parent_run=p.info.start_time/1000 - r['start'],   # CLI imports, settings, grid checked, parent run
+            start_to_first_point=first - r['start'],          # ... then ray.init, workers start and import, first kernel
+            first_to_last_point=last - first,                  # the points, two at a time
+            last_point_to_exit=r['end'] - last,                # parent run ended, Ray shut down, interpreter exit
+            point_seconds_median=med(pts, 'point'),            # papermill start (kernel start) to the run's end
+            point_seconds_sum=sum(x['point'] for x in pts),
+            execute_median=med(pts, 'execute'),                # papermill: kernel start, cells, kernel shut down
+            kernel_start_median=med(pts, 'kernel'), work_cell_median=med(pts, 'work_cell'),
+            log_cell_median=med(pts, 'log_cell'), import_cell_median=med(pts, 'import_cell'),
+            record_median=med(pts, 'record'),                  # after the last cell: output stored, HTML, run ended
+            mlflow_run_seconds_median=statistics.median(x['run_end'] - x['run_start'] for x in pts)))
     return out
 
 
@@ -199,9 +223,7 @@ def main():
             t, start, calls = time.perf_counter(), time.time(), []
             for i in seeds: calls.append(run(papermill(i), **pm_env)[0])
             elapsed = time.perf_counter() - t
-            work = [float(nbformat.read(root/'out'/f'work-{i}.ipynb', as_version=4).cells[3].outputs[0].text.split('=')[1])
-                    for i in seeds]   # cell 0 is papermill's injected parameters
-            return elapsed, dict(start=start, calls=calls, work=work)
+            return elapsed, dict(start=start, calls=calls, nbs=[notebook_timing(root/'out'/f'work-{i}.ipynb') for i in seeds])
 
         def sweep():
             elapsed, start, end = run(nbprod)
@@ -214,9 +236,10 @@ def main():
         for r in range(args.repeats):
             order = ['papermill', 'nbprod'] if r % 2 == 0 else ['nbprod', 'papermill']
             for k in order:
-                l0 = load()
+                l0, (b0, t0) = load(), cpu_ticks()
                 s, d = batch() if k == 'papermill' else sweep()
-                times[k].append(s); detail[k].append({**d, 'load': [l0, load()]})
+                (b1, t1) = cpu_ticks()
+                times[k].append(s); detail[k].append({**d, 'load': [l0, load()], 'busy': (b1 - b0)/(t1 - t0)})
             console.print(f"  pair {r+1}/{args.repeats} ({' then '.join(order)}): papermill {times['papermill'][-1]:.1f}s"
                           f"  nbprod {times['nbprod'][-1]:.1f}s")
 
@@ -226,20 +249,25 @@ def main():
             rays = [probe(RAY_PROBE, root, env) for _ in range(2)]
             kernel = probe(KERNEL_PROBE, root, env)
             tracked = [run(papermill(i), **tracking)[0] for i in range(3)]   # the first may create the store
-            tl = sweep_timeline(root, tmp, [d for d in detail['nbprod']])
+            tl = sweep_timeline(root, detail['nbprod'])
             pm_calls = [c for d in detail['papermill'] for c in d['calls']]
-            pm_work = [w for d in detail['papermill'] for w in d['work']]
+            pm_nbs = [n for d in detail['papermill'] for n in d['nbs']]
             breakdown = {
                 'ray_start_up': {k: round(statistics.median(r[k] for r in rays), 3) for k in rays[0]},
                 'kernel_start_seconds': round(kernel, 3),
-                'papermill_call_seconds_median': round(statistics.median(pm_calls), 3),
-                'papermill_work_seconds_median': round(statistics.median(pm_work), 3),
+                'papermill_call': {'seconds_median': round(statistics.median(pm_calls), 3),
+                                   'execute_median': round(statistics.median(n['end'] - n['start'] for n in pm_nbs), 3),
+                                   'kernel_start_median': round(med(pm_nbs, 'kernel'), 3),
+                                   'work_cell_median': round(med(pm_nbs, 'work_cell'), 3),
+                                   'log_cell_median': round(med(pm_nbs, 'log_cell'), 3),
+                                   'outside_kernel_median': round(statistics.median(
+                                       c - (n['end'] - n['start']) for c, n in zip(pm_calls, pm_nbs)), 3)},
                 'papermill_tracked_call_seconds_median': round(statistics.median(tracked[1:]), 3),
                 'nbprod_sweeps': [{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()} for t in tl]}
 
     ratios = [p/n for p, n in zip(times['papermill'], times['nbprod'])]
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio, ratio_of_medians = statistics.median(ratios), med['papermill']/med['nbprod']
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ratio, ratio_of_medians = statistics.median(ratios), medians['papermill']/medians['nbprod']
     t = Table('', 'median s', 'min s', 'max s', 'warm-up s', title=f"{args.points} points, {args.repeats} pairs")
     t.add_row(f'{args.points} x papermill', *(f"{f(times['papermill']):.1f}" for f in (statistics.median, min, max)),
               f"{warm['papermill']:.1f} (1 call)")
@@ -273,9 +301,11 @@ def main():
         bytecode='private PYTHONPYCACHEPREFIX cache, filled by the warm-up',
         warm_up={k: round(v, 3) for k, v in warm.items()},
         times={k: r3(v) for k, v in times.items()}, papermill_call_seconds=[r3(d['calls']) for d in detail['papermill']],
-        medians={k: round(v, 3) for k, v in med.items()}, ratios=r3(ratios), ratio=round(ratio, 3),
+        medians={k: round(v, 3) for k, v in medians.items()}, ratios=r3(ratios), ratio=round(ratio, 3),
         ratio_of_medians=round(ratio_of_medians, 3), **extra, target=TARGET, target_met=ok,
-        load_1min={k: [d['load'] for d in v] for k, v in detail.items()}, ray_processes_left=LEFT)
+        load_1min={k: [d['load'] for d in v] for k, v in detail.items()},   # before and after each measurement
+        cpu_busy={k: [round(d['busy'], 3) for d in v] for k, v in detail.items()},   # share of all cores busy (any process)
+        ray_processes_left=LEFT)
     if breakdown: result['breakdown'] = breakdown
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + '\n')

@@ -278,7 +278,7 @@ def runs(limit: Annotated[int, typer.Option('--limit', '-n', min=1, help="How ma
         t.add_column(col, **kw)
     for r in rows:
         c = colour.get(r['status'], 'white')
-        t.add_row(r['run_id'][:12], r['notebook'] or r['name'], f"[{c}]{r['status']}[/{c}]",
+        t.add_row(r['run_id'][:12], f"{r['kind']} {r['name']}" if r['kind'] in ('pipeline', 'sweep') else r['notebook'] or r['name'], f"[{c}]{r['status']}[/{c}]",
                   time.strftime('%m-%d %H:%M', time.localtime(r['start'])), f"{r['duration']:.1f}s", _metrics(r['metrics']))
     out.print(t, highlight=False)
 
