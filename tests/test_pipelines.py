@@ -127,6 +127,15 @@ def stamps(p: Project) -> dict:
             for f in d.glob('*.start')}
 
 
+def wait_until_held(proc, p: Project, step: str, timeout: float = 180) -> int:
+    "Wait until `step` (held by its hold file) has started under `proc`; returns its kernel's pid."
+    start, deadline = p.root/'stamps'/f'{step}.start', time.time() + timeout
+    while not start.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return json.loads(start.read_text())['pid']
+
+
 def pipeline_runs(p: Project):
     return [r for r in p.runs() if r.data.tags.get('nbprod.kind') == 'pipeline']
 
@@ -258,12 +267,8 @@ def test_resume_after_the_runner_is_killed(tmp_path):
     p = make_project(tmp_path/'k')
     (p.root/'hold.b').touch()
     proc = p.popen('run', 'diamond')
-    start = p.root/'stamps'/'b.start'
+    kernel = wait_until_held(proc, p, 'b')
     deadline = time.time() + 180
-    while not start.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
-    kernel = json.loads(start.read_text())['pid']
     while not any(r.data.tags.get('nbprod.step.c.status') for r in pipeline_runs(p)):   # c (parallel to b) is recorded
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.5)
@@ -309,12 +314,7 @@ def test_sigterm_stops_the_pipeline_running_steps_end_killed(pipes):
     (pipes.root/'hold.b').touch()
     proc = subprocess.Popen([str(BIN/'nbprod'), 'run', 'diamond'], cwd=pipes.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=pipes.env(NBPROD_RAY_ADDRESS=pipes.address, **RAY_ENV))
-    start = pipes.root/'stamps'/'b.start'
-    deadline = time.time() + 180
-    while not start.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
-    kernel = json.loads(start.read_text())['pid']
+    kernel = wait_until_held(proc, pipes, 'b')
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
