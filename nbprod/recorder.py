@@ -10,7 +10,8 @@ from .errors import TrackingError
 from .settings import Project, Settings
 
 # %% auto #0
-__all__ = ['settings_to_json', 'settings_from_json', 'render_html', 'serve', 'main', 'start_message', 'Recorder', 'LocalRecorder']
+__all__ = ['settings_to_json', 'settings_from_json', 'render_html', 'serve', 'main', 'start_message', 'Recorder',
+           'MetricsForwarder', 'LocalRecorder']
 
 # %% ../nbs/06_recorder.ipynb #e25c5982
 def settings_to_json(s:Settings) -> dict:
@@ -42,6 +43,7 @@ def _start(state, msg):
         raise
     state.update(client=client, run_id=rid, artifact_uri=run.info.artifact_uri, output=msg.get('output'),
                  secret_values=msg.get('secret_values', []))
+    if msg.get('log_file'): state['forwarder'] = MetricsForwarder(client, rid, Path(msg['log_file']))
     try: render_html(_tiny_notebook())  # warm nbconvert and its template for `finish` (best effort)
     except Exception: pass
     return {'run_id': rid}
@@ -69,6 +71,7 @@ def _finish(state, msg):
     client,rid = state['client'],state['run_id']
     stored,name = Path(msg['stored']),msg['name']
     try:
+        if (fw := state.get('forwarder')): fw.close()   # the kernel's last metrics, before the run ends
         if msg['html']: (stored/f"{name}.html").write_text(render_html(nbformat.read(stored/f"{name}.ipynb", as_version=4)), encoding='utf-8')
         if msg['tags']: client.log_batch(rid, tags=[RunTag(k, str(v)[:5000]) for k,v in msg['tags'].items()])
         client.log_artifacts(rid, str(stored), 'notebook')
@@ -108,6 +111,7 @@ def _orphaned(state):
     client,rid = state['client'],state['run_id']
     out = Path(state['output']) if state.get('output') else None
     try:
+        if (fw := state.get('forwarder')): fw.close()
         if out is not None and out.exists():
             stored = out.parent/'stored-by-recorder'
             stored.mkdir(exist_ok=True)
@@ -135,16 +139,14 @@ def main():
     sys.modules.setdefault('rfc3987_syntax', None)
     serve(sys.stdin, out)
 
-# %% ../nbs/06_recorder.ipynb #884c1390
-if __name__ == '__main__': main()
-
 # %% ../nbs/06_recorder.ipynb #11ef56ea
 def start_message(settings:Settings, notebook:Path, params:dict, secrets, run_file:Path, output:Path|None=None,
-                  secret_values=(), tags:dict|None=None, run_name:str|None=None) -> dict:
-    "The `start` message: create a run of `notebook` with `params` and extra `tags`, and write its id to `run_file`."
+                  secret_values=(), tags:dict|None=None, run_name:str|None=None, log_file:Path|None=None) -> dict:
+    "The `start` message: create a run of `notebook` with `params` and extra `tags`, write its id to `run_file`, forward `log_file`."
     return dict(op='start', settings=settings_to_json(settings), notebook=str(notebook), params=params,
                 secrets=sorted(secrets), run_file=str(run_file), pid=os.getpid(), output=str(output) if output else None,
-                secret_values=list(secret_values), tags=dict(tags or {}), run_name=run_name)
+                secret_values=list(secret_values), tags=dict(tags or {}), run_name=run_name,
+                log_file=str(log_file) if log_file else None)
 
 class Recorder:
     "The `nbprod run` side of a recorder process."
@@ -175,9 +177,9 @@ class Recorder:
         except (BrokenPipeError, OSError) as e: raise TrackingError(f"the recorder process is gone: {e}") from e
 
     def start(self, settings:Settings, notebook:Path, params:dict, secrets, run_file:Path, output:Path|None=None,
-              secret_values=(), tags:dict|None=None, run_name:str|None=None):
+              secret_values=(), tags:dict|None=None, run_name:str|None=None, log_file:Path|None=None):
         "Ask for the run to be created (returns at once; the kernel reads the run id from `run_file`)."
-        self._send(**start_message(settings, notebook, params, secrets, run_file, output, secret_values, tags, run_name))
+        self._send(**start_message(settings, notebook, params, secrets, run_file, output, secret_values, tags, run_name, log_file))
 
     def wait_started(self) -> str|None:
         "The run id, once the recorder has answered `start` (None if it failed: see `error`)."
@@ -206,6 +208,60 @@ class Recorder:
         self.proc.kill()
         self.proc.wait()
 
+
+# %% ../nbs/06_recorder.ipynb #7c00c917
+def _chunks(xs, n):
+    for i in range(0, len(xs), n): yield xs[i:i+n]
+
+class MetricsForwarder:
+    "Log to run `run_id` the metrics and parameters the kernel appends to `path` (JSON lines), every `interval` s and on `close`."
+    def __init__(self, client, run_id:str, path:Path, interval:float=1.0):
+        self.client,self.run_id,self.path,self.interval = client,run_id,Path(path),interval
+        self.offset,self.errors,self.lock,self.stopped = 0,[],threading.Lock(),threading.Event()
+        self.thread = threading.Thread(target=self._loop, name='nbprod-metrics', daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stopped.wait(self.interval): self.flush()
+
+    def flush(self):
+        "Log the complete lines written since the last flush."
+        with self.lock:
+            try:
+                with open(self.path, 'rb') as f:
+                    f.seek(self.offset)
+                    data = f.read()
+            except FileNotFoundError: return
+            end = data.rfind(b'\n') + 1   # a line still being written waits for the next flush
+            if not end: return
+            self.offset += end
+            records = []
+            for line in data[:end].splitlines():
+                try: records.append(json.loads(line))
+                except ValueError: self.errors.append(f"unreadable line {line[:100]!r}")
+            self._log(records)
+
+    def _log(self, records):
+        from mlflow.entities import Metric, Param
+        metrics = [Metric(r['metric'], r['value'], r['timestamp'], r['step']) for r in records if 'metric' in r]
+        params = [Param(r['param'], r['value']) for r in records if 'param' in r]
+        for kind,items,size in (('metrics', metrics, 1000), ('params', params, 100)):  # MLflow's limits per batch
+            for batch in _chunks(items, size):
+                try: self.client.log_batch(self.run_id, **{kind: batch})
+                except Exception:   # one at a time: keep the good ones, name the refused
+                    for x in batch:
+                        try: self.client.log_batch(self.run_id, **{kind: [x]})
+                        except Exception as e: self.errors.append(f"{kind[:-1]} {x.key!r}: {str(e).splitlines()[0][:300]}")
+
+    def close(self):
+        "Stop the timer, log what is left, and record the refused records in `nbprod.tracking_errors`."
+        self.stopped.set()
+        self.thread.join()
+        try:
+            self.flush()
+            if self.errors: self.client.set_tag(self.run_id, 'nbprod.tracking_errors', '; '.join(self.errors)[:7900])
+        except Exception as e:
+            self.errors.append(f"{type(e).__name__}: {e}")
 
 # %% ../nbs/06_recorder.ipynb #d7a896bf
 class LocalRecorder:
@@ -240,3 +296,6 @@ class LocalRecorder:
         if self.requested and self.started.wait(timeout) and self.run_id and not self.state.get('finished'): _orphaned(self.state)
 
     def cancel(self): pass
+
+# %% ../nbs/06_recorder.ipynb #884c1390
+if __name__ == '__main__': main()

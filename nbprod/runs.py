@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_runs.ipynb #7fccd494
 from __future__ import annotations
-import logging, os, shutil, signal, socket, tempfile, threading, time
+import json, logging, os, shutil, signal, socket, tempfile, threading, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,9 +177,10 @@ def run_notebook(notebook:str|Path, parameters:dict|None=None, *, profile:str|No
     status,failure,executed = 'FAILED',None,None
     with _signals(None):  # from here SIGTERM is a KeyboardInterrupt, handled below like Ctrl-C
         try:
-            rec.start(settings, notebook.resolve(), shown, where, workdir/'run_id', out_path, values.values(), tags, run_name)
-            executed = _execute(prepare_notebook(nb, plain, where, settings.kernel or None), notebook, out_path,
-                                settings, workdir/'run_id', kernel_env(where, values), where.values(), _on_cell)
+            rec.start(settings, notebook.resolve(), shown, where, workdir/'run_id', out_path, values.values(), tags, run_name,
+                      log_file=workdir/'tracking.jsonl')
+            executed = _execute(prepare_notebook(nb, plain, where, settings.kernel or None), notebook, out_path, settings,
+                                workdir, kernel_env(where, values), where.values(), _on_cell, shown)
             status = 'FINISHED'
         except KeyboardInterrupt as e:
             status,failure = 'KILLED', RunKilled(f"run stopped by {'SIGTERM' if isinstance(e, _Terminated) else 'Ctrl-C'}",
@@ -218,9 +219,11 @@ def _record_end(rec, result, status, failure, nb, notebook, out_path, executed, 
     if problem is not None: raise TrackingError(f"the run ended {status}, but its notebook could not be stored: {tags['nbprod.finish_error']}") from problem
 
 # %% ../nbs/07_runs.ipynb #bedea00c
-def _execute(prepared, notebook, out_path, settings, run_file, extra_env, secret_vars, on_cell):
+def _execute(prepared, notebook, out_path, settings, workdir, extra_env, secret_vars, on_cell, shown):
     import papermill as pm
-    env = {'NBPROD_RUN_FILE': str(run_file), 'NBPROD_TRACKING_URI': settings.tracking_uri,
+    env = {'NBPROD_RUN_FILE': str(workdir/'run_id'), 'NBPROD_TRACKING_URI': settings.tracking_uri,
+           # track.log_metric/log_param append here and the recorder logs them (no MLflow import in the kernel)
+           'NBPROD_LOG_FILE': str(workdir/'tracking.jsonl'), 'NBPROD_PARAMS': json.dumps(shown, default=str),
            'NBPROD_REGISTRY_URI': settings.registry_uri, 'NBPROD_PROFILE': settings.profile,
            'MLFLOW_TRACKING_URI': settings.tracking_uri, 'NBPROD_SECRET_VARS': ','.join(secret_vars),
            # the project's own package imports in the kernel even when it is not installed

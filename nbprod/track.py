@@ -4,12 +4,12 @@
 
 # %% ../nbs/05_track.ipynb #bf3e426f
 from __future__ import annotations
-import atexit, os, time
+import atexit, json, os, posixpath, re, time
 from pathlib import Path
 from .errors import TrackingError
 
 # %% auto #0
-__all__ = ['current_run', 'end', 'log_metric', 'log_metrics', 'log_param', 'log_model', 'register_model', 'set_alias',
+__all__ = ['current_run', 'end', 'log_metrics', 'log_metric', 'log_param', 'log_model', 'register_model', 'set_alias',
            'get_model_version']
 
 # %% ../nbs/05_track.ipynb #e88881df
@@ -67,14 +67,40 @@ def end(status:str='FINISHED'):
         _state.clear()
 
 # %% ../nbs/05_track.ipynb #21a4d67c
-def log_metric(key:str, value:float, step:int|None=None):
-    "Log one metric to the current run."
-    client,rid = current_run()
-    client.log_metric(rid, key, float(value), step=step or 0)
+_NAME = re.compile(r'^[/\w.\- :]*$')
+
+def _check_name(kind:str, name):
+    "Refuse, where the call is, a name MLflow would refuse (the rules of `mlflow.utils.validation`)."
+    ok = (isinstance(name, str) and 0 < len(name) <= 250 and _NAME.match(name) and posixpath.normpath(name) == name
+          and not name.startswith(('..', '/')))
+    if not ok: raise TrackingError(f"{name!r} is not a valid {kind} name",
+                                   hint="use letters, digits, spaces and _ - . : / (at most 250 characters, not a path such as a/../b)")
+
+def _number(key, value) -> float:
+    try: return float(value)
+    except (TypeError, ValueError): raise TrackingError(f"metric {key!r} must be a number, not {value!r}") from None
+
+def _log_file() -> str|None:
+    "Under `nbprod run`: the file the run's recorder reads metrics and parameters from."
+    return os.environ.get('NBPROD_LOG_FILE')
+
+def _append(path, records):
+    with open(path, 'a', encoding='utf-8') as f: f.write(''.join(json.dumps(r) + '\n' for r in records))
 
 def log_metrics(metrics:dict, step:int|None=None):
     "Log several metrics to the current run."
-    for k,v in metrics.items(): log_metric(k, v, step)
+    for k in metrics: _check_name('metric', k)
+    values = {k: _number(k, v) for k,v in metrics.items()}
+    if (path := _log_file()):   # nbprod's recorder logs them within a second, and before the run ends
+        now = int(time.time() * 1000)
+        _append(path, [{'metric': k, 'value': v, 'step': int(step or 0), 'timestamp': now} for k,v in values.items()])
+        return
+    client,rid = current_run()
+    for k,v in values.items(): client.log_metric(rid, k, v, step=step or 0)
+
+def log_metric(key:str, value:float, step:int|None=None):
+    "Log one metric to the current run."
+    log_metrics({key: value}, step)
 
 def _scrub(value):
     "`value` as text with secret parameter values (named by nbprod in `NBPROD_SECRET_VARS`) replaced by ***."
@@ -84,8 +110,18 @@ def _scrub(value):
 
 def log_param(key:str, value):
     "Log a parameter that is not a notebook parameter (a derived setting, a data size...)."
+    _check_name('parameter', key)
+    value = _scrub(value)[:6000]
+    if (path := _log_file()):
+        logged = _state.setdefault('params', {str(k): str(v) for k,v in json.loads(os.environ.get('NBPROD_PARAMS') or '{}').items()})
+        if logged.get(key, value) != value:
+            raise TrackingError(f"parameter {key!r} is already {logged[key]!r} in this run; MLflow parameters cannot change",
+                                hint="log a value that changes as a metric, or use another name")
+        logged[key] = value
+        _append(path, [{'param': key, 'value': value}])
+        return
     client,rid = current_run()
-    client.log_param(rid, key, _scrub(value))
+    client.log_param(rid, key, value)
 
 # %% ../nbs/05_track.ipynb #d7b605e1
 def _head(X, n=5):

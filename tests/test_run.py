@@ -21,6 +21,7 @@ def stored_paths(client, run_id):
 def test_run_records_params_metrics_tags_and_output(project):
     nb = project.notebook('count', PARAMS,
                           "from nbprod import track\ntrack.log_metric('total', n * rate)",
+                          "import sys\nassert 'mlflow' not in sys.modules, 'logging a metric imported MLflow in the kernel'",
                           "print(f'{name}:{n}:{flag}')")
     commit = project.commit()
     r = project.cli('run', 'nbs/count.ipynb', '-p', 'n=4', '-p', 'flag=true')
@@ -146,6 +147,7 @@ def test_cell_over_timeout_is_recorded(project):
 def _start_sleeper(project):
     "Start `nbprod run` on a notebook that writes its kernel's pid, then sleeps; return (process, kernel pid)."
     project.notebook('sleep', "t = 120", "import os; open('work.path', 'w').write(os.path.dirname(os.environ['NBPROD_RUN_FILE']))\n"
+                     "from nbprod import track; track.log_metric('epoch_loss', 0.5, step=1); track.log_param('rows', 10)\n"
                      "print('started'); open('kernel.pid', 'w').write(str(os.getpid()))",
                      "import time; time.sleep(t)", "print('woke')")
     marker = project.root/'nbs'/'kernel.pid'
@@ -163,8 +165,9 @@ def _start_sleeper(project):
 @pytest.mark.parametrize('sig,name', [(signal.SIGINT, 'Ctrl-C'), (signal.SIGTERM, 'SIGTERM')])
 def test_interrupt_ends_killed_with_notebook_stored(project, sig, name):
     proc, kernel_pid = _start_sleeper(project)
-    [run] = project.runs()
-    assert run.info.status == 'RUNNING'
+    deadline = time.time() + 20   # the kernel's metrics reach the run while it runs
+    while not (run := project.runs()[0]).data.metrics and time.time() < deadline: time.sleep(0.2)
+    assert run.info.status == 'RUNNING' and run.data.metrics == {'epoch_loss': 0.5} and run.data.params == {'rows': '10'}
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -200,6 +203,7 @@ def test_run_killed_outright_is_ended_by_its_recorder(project):
     proc.communicate(timeout=30)
     run = _wait_status(project, 'KILLED')
     assert run.info.status == 'KILLED' and 'ended KILLED by its recorder' in run.data.tags['nbprod.reconciled']
+    assert run.data.metrics == {'epoch_loss': 0.5}   # logged before the kill: kept
     names = {p.name: p for p in stored_paths(project.client(), run.info.run_id)}
     nb = nbformat.read(names['sleep.ipynb'], as_version=4)  # the notebook as papermill last saved it
     assert nb.metadata.nbprod['status'] == 'KILLED' and any('started' in str(c.get('outputs')) for c in nb.cells)
