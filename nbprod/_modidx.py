@@ -45,6 +45,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'nbprod.cluster.JobState.done': ('cluster.html#jobstate.done', 'nbprod/cluster.py'),
                                 'nbprod.cluster.Outcome': ('cluster.html#outcome', 'nbprod/cluster.py'),
                                 'nbprod.cluster.Outcome.ok': ('cluster.html#outcome.ok', 'nbprod/cluster.py'),
+                                'nbprod.cluster._check_reachable': ('cluster.html#_check_reachable', 'nbprod/cluster.py'),
                                 'nbprod.cluster._collect': ('cluster.html#_collect', 'nbprod/cluster.py'),
                                 'nbprod.cluster._end': ('cluster.html#_end', 'nbprod/cluster.py'),
                                 'nbprod.cluster._skip': ('cluster.html#_skip', 'nbprod/cluster.py'),

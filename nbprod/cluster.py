@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cluster.ipynb #2db3bfbb
 from __future__ import annotations
-import logging, os, signal, threading, time
+import logging, os, signal, socket, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .errors import ClusterError, NbprodError
@@ -14,10 +14,21 @@ from .settings import Settings
 __all__ = ['connect', 'Outcome', 'outcome_of', 'run_job', 'Board', 'Job', 'JobState', 'run_jobs']
 
 # %% ../nbs/12_cluster.ipynb #30c0bf22
+def _check_reachable(address:str, profile:str, timeout:float=5):
+    "Fail at once when a `host:port` Ray address does not answer (Ray itself retries for minutes)."
+    host,sep,port = address.rpartition(':')
+    if '://' in address or not sep or not port.isdigit(): return   # ray://, auto: Ray's own resolution
+    try: socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__})",
+                           hint=f"start it (`ray start --head`) or fix ray_address in the {profile} profile of settings.ini "
+                                "(the GCS address, host:6379 by default); without ray_address nbprod starts a local Ray") from None
+
 def connect(settings:Settings):
     "The `ray` module, connected: to `settings.ray_address` if set, else to a local Ray started now (once per process)."
     import ray
     if ray.is_initialized(): return ray
+    if settings.ray_address: _check_reachable(settings.ray_address, settings.profile)
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False)
     # token authentication stays on; its start-up notice is noise in nbprod's output
     logging.getLogger('ray._private.authentication').setLevel(logging.ERROR)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools, time
 from dataclasses import dataclass
 from pathlib import Path
-from .cluster import Job, JobState, run_jobs
+from concurrent.futures import ThreadPoolExecutor
+from .cluster import Job, JobState, connect, run_jobs
 from .errors import NotebookNotFound, ParameterError, PipelineFailed
 from .params import check_parameters, parse_assignments, read_notebook_params
 from .pipeline_runs import child_tags, open_parent, secret_env
@@ -84,8 +85,15 @@ def run_sweep(notebook:str|Path, grid:dict, *, profile:str|None=None, settings:S
     settings = settings or load_settings(notebook.resolve().parent, profile)
     points = grid_points(notebook, grid, settings.secrets)
     name = notebook.stem
-    rid = open_parent(settings, 'sweep', name, {f"grid.{k}": ",".join(map(str, v)) for k,v in grid.items()},
-                      {'nbprod.notebook': str(notebook), 'nbprod.points': str(len(points))})
+    with ThreadPoolExecutor(1) as pool:   # the parent run is recorded (MLflow's import, its store) while Ray starts
+        parent = pool.submit(open_parent, settings, 'sweep', name, {f"grid.{k}": ",".join(map(str, v)) for k,v in grid.items()},
+                             {'nbprod.notebook': str(notebook), 'nbprod.points': str(len(points))})
+        try: connect(settings)
+        except BaseException as e:
+            rid = parent.result()
+            tracking_client(settings).set_terminated(rid, 'FAILED' if isinstance(e, Exception) else 'KILLED')
+            raise
+        rid = parent.result()
     env = secret_env(settings)
     jobs = [Job(str(i), notebook.resolve(), p, [], child_tags(rid, 'point', name, str(i)), f"{name}-{i}", env)
             for i,p in enumerate(points)]

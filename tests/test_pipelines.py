@@ -262,6 +262,22 @@ def test_sweep_with_a_failing_point(pipes):
     assert r.returncode == 2 and "must be float, not 'x'" in r.stderr and len(pipes.runs()) == len(runs)
 
 
+def test_unreachable_cluster_is_refused_at_once(tmp_path):
+    "A ray_address where nothing listens: exit 2 within seconds, naming the address; the sweep's run ends FAILED."
+    p = make_project(tmp_path/'u')
+    p.notebook('fit', 'alpha = 1.0', 'print(alpha)')
+    address = f'127.0.0.1:{free_port()}'
+    t0 = time.monotonic()
+    r = p.cli('sweep', 'nbs/fit.ipynb', '-p', 'alpha=1,2', env=p.env(NBPROD_RAY_ADDRESS=address), timeout=120)
+    assert r.returncode == 2 and f'no Ray cluster answers at {address}' in r.stderr and 'ray_address' in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60 and 'Traceback' not in r.stderr
+    [parent] = p.runs()
+    assert parent.data.tags['nbprod.kind'] == 'sweep' and parent.info.status == 'FAILED'
+    r = p.cli('run', 'diamond', env=p.env(NBPROD_RAY_ADDRESS=address), timeout=120)
+    assert r.returncode == 2 and f'no Ray cluster answers at {address}' in r.stderr, r.stderr
+    assert [x.info.status for x in pipeline_runs(p)] == ['FAILED']
+
+
 def test_resume_after_the_runner_is_killed(tmp_path):
     "SIGKILL `nbprod run` mid-step (embedded Ray): its Ray, worker and kernel go; --resume reruns only that step."
     p = make_project(tmp_path/'k')
