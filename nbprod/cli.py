@@ -15,8 +15,8 @@ from . import __version__
 from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 
 # %% auto #0
-__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'main_options', 'run', 'sweep', 'runs', 'new', 'export', 'check',
-           'main']
+__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'main_options', 'run', 'sweep', 'runs', 'new', 'export',
+           'check', 'keys_create', 'keys_list', 'keys_revoke', 'main']
 
 # %% ../nbs/10_cli.ipynb #572c1867
 EXAMPLES = """[bold]Examples[/bold]
@@ -28,6 +28,7 @@ EXAMPLES = """[bold]Examples[/bold]
   nbprod sweep nbs/train.ipynb -p alpha=0.1,1,10 --sort rmse
   nbprod runs --limit 10                    [dim]# recent runs[/dim]
   nbprod new bikes                          [dim]# new project[/dim]
+  nbprod keys create ci --model bikeshare   [dim]# an API key for the endpoints[/dim]
   nbprod export && nbprod check             [dim]# export, check drift[/dim]
 """
 
@@ -316,6 +317,53 @@ def check():
     for p in problems: err.print(f"[red]✗[/red] {p}", highlight=False)
     if problems: raise typer.Exit(1)
     out.print("[green]✓[/green] package matches the notebooks; notebooks are clean")
+
+# %% ../nbs/10_cli.ipynb #e0572202
+keys_app = typer.Typer(help="API keys of the endpoints: create, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name='keys')
+
+@keys_app.command('create')
+def keys_create(name: Annotated[str, typer.Argument(help="Who uses the key (a service, a person).", show_default=False)],
+                model: Annotated[Optional[list[str]], typer.Option('--model', '-m', help="A model the key may call (repeat; default: every model).")] = None,
+                profile: ProfileOpt = None):
+    "Create an API key; it is printed once and stored only as a hash."
+    from nbprod.auth import create_key
+    from nbprod.settings import load_settings
+    try:
+        s = load_settings(profile=profile)
+        entry,key = create_key(s, name, model or ['*'])
+    except NbprodError as e: _fail(e)
+    out.print(key, highlight=False, soft_wrap=True)
+    err.print(f"key [bold]{entry.name}[/bold] ({entry.id}) for {', '.join(entry.models)}: shown only now, stored hashed in "
+              f"{s.api_keys_file}\n  curl -H 'Authorization: Bearer <key>' ...", highlight=False)
+
+@keys_app.command('list')
+def keys_list(profile: ProfileOpt = None):
+    "List the API keys: name, id, models, created (never the key)."
+    from nbprod.auth import load_keyring
+    from nbprod.settings import load_settings
+    try:
+        s = load_settings(profile=profile)
+        keys = [k for ks in load_keyring(s).by_id.values() for k in ks]
+    except NbprodError as e: _fail(e)
+    if not keys:
+        out.print(f"no API keys{' (open_access is on: endpoints need none)' if s.open_access else ''}; "
+                  "create one with [bold]nbprod keys create NAME --model MODEL[/bold]")
+        return
+    t = Table(box=None)
+    for col in ('name', 'id', 'models', 'created', 'from'): t.add_column(col, no_wrap=True)
+    for k in sorted(keys, key=lambda k: (k.source, k.created, k.name)):
+        t.add_row(k.name, k.id, ', '.join(k.models), k.created[:16].replace('T', ' '), k.source)
+    out.print(t, highlight=False)
+
+@keys_app.command('revoke')
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name or id.", show_default=False)], profile: ProfileOpt = None):
+    "Remove an API key from the key file (running endpoints refuse it once restarted)."
+    from nbprod.auth import revoke_key
+    from nbprod.settings import load_settings
+    try: gone = revoke_key(load_settings(profile=profile), name)
+    except NbprodError as e: _fail(e)
+    out.print(f"revoked key [bold]{gone.name}[/bold] ({gone.id})")
 
 # %% ../nbs/10_cli.ipynb #ee77dc38
 def main():

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['NbprodError', 'ConfigError', 'ProjectNotFound', 'ParameterError', 'NotebookNotFound', 'TrackingError',
-           'ScaffoldError', 'ClusterError', 'RunFailed', 'RunKilled', 'PipelineFailed']
+           'ScaffoldError', 'ClusterError', 'RunFailed', 'RunKilled', 'PipelineFailed', 'RequestError', 'Unauthorized',
+           'Forbidden']
 
 # %% ../nbs/00_errors.ipynb #c9edd508
 class NbprodError(Exception):
@@ -70,3 +71,25 @@ class PipelineFailed(NbprodError):
     def __init__(self, message:str, *, run_id=None, status="FAILED", failures=None, hint=None):
         self.run_id,self.status,self.failures = run_id,status,dict(failures or {})
         super().__init__(message, hint)
+
+# %% ../nbs/00_errors.ipynb #b5a6f84c
+class RequestError(NbprodError):
+    "A request the endpoint refuses: HTTP `status`, and for invalid input each problem's record, field and reason."
+    status = 400
+    def __init__(self, message:str, *, status:int|None=None, errors=None, headers=None, hint=None):
+        self.status = status or type(self).status
+        self.errors = list(errors or [])     # [{'record': index or None, 'field': name or None, 'reason': text}]
+        self.headers = dict(headers or {})
+        super().__init__(message, hint)
+
+    def body(self) -> dict:
+        "The JSON body of the answer."
+        return {'error': self.message, **({'hint': self.hint} if self.hint else {}), **({'errors': self.errors} if self.errors else {})}
+
+class Unauthorized(RequestError):
+    "No API key, or a key nbprod does not know (HTTP 401)."
+    status = 401
+
+class Forbidden(RequestError):
+    "A known API key without the scope for the model asked for (HTTP 403)."
+    status = 403

@@ -21,7 +21,8 @@ def settings_to_json(s:Settings) -> dict:
 def settings_from_json(d:dict) -> Settings:
     "The `Settings` that `settings_to_json` wrote."
     d = dict(d)
-    return Settings(**{**d, 'root': Path(d['root']), 'store': Path(d['store']), 'project': Project(**d['project'])})
+    return Settings(**{**d, 'root': Path(d['root']), 'store': Path(d['store']), 'api_keys_file': Path(d['api_keys_file']),
+                       'project': Project(**d['project'])})
 
 # %% ../nbs/06_recorder.ipynb #cad3531c
 def _start(state, msg):

@@ -111,6 +111,9 @@ SETTING_HELP = {
     'render_html':   "store an HTML rendering of every executed notebook with its run: true or false",
     'log_level':     "how much nbprod logs: DEBUG, INFO, WARNING or ERROR",
     'secrets':       "parameters whose values come from environment variables, as param=ENV_VAR pairs, comma-separated; the values are never stored",
+    'api_keys_file': "the endpoints' API keys, hashed (`nbprod keys create NAME --model MODEL` adds one): empty for api_keys.json in the store",
+    'api_keys_env':  "the name of an environment variable holding more API keys (KEY or KEY=model|model, comma-separated), or empty",
+    'open_access':   "true lets anyone call the endpoints without an API key (nbprod serve warns); keep false",
 }
 
 def settings_ini(name:str) -> str:

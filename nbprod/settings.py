@@ -62,6 +62,11 @@ def _ray_address(v):
     return v
 
 _ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+def _env_name(v):
+    v = v.strip()
+    if v and not _ENV_NAME.match(v): raise ValueError(v)
+    return v
+
 def _secret_map(v):
     "Parse `param=ENV_VAR, other=OTHER_VAR` into a dict."
     out = {}
@@ -85,6 +90,9 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'render_html':   ('true', _bool, "true or false"),
     'log_level':     ('INFO', _choice('DEBUG','INFO','WARNING','ERROR'), "DEBUG, INFO, WARNING or ERROR"),
     'secrets':       ('', _secret_map, "comma-separated parameter=ENV_VAR pairs (the variable holds the value)"),
+    'api_keys_file': ('', _path, "empty (api_keys.json in the store) or the path of the file of hashed API keys that `nbprod keys` writes"),
+    'api_keys_env':  ('', _env_name, "empty, or the name of an environment variable holding API keys: KEY or KEY=model|model, comma-separated"),
+    'open_access':   ('false', _bool, "true or false (true: endpoints answer without an API key)"),
 }
 
 # %% ../nbs/01_settings.ipynb #0e3e8507
@@ -148,6 +156,9 @@ class Settings:
     start_timeout: int
     render_html: bool
     log_level: str
+    api_keys_file: Path        # hashed API keys of the endpoints (`nbprod keys`)
+    api_keys_env: str          # name of an environment variable holding API keys, or ''
+    open_access: bool          # endpoints without API keys (an explicit choice; `nbprod serve` warns)
     secrets: dict = field(default_factory=dict)  # parameter -> environment variable
     project: 'Project' = None  # what the project runs ([tool.nbprod])
 
@@ -197,8 +208,9 @@ def load_settings(root:str|Path|None=None, profile:str|None=None, env:dict|None=
     project = load_project(root)
     store = Path(values['store'])
     store = store if store.is_absolute() else root/store
+    keys = Path(values['api_keys_file'] or store/'api_keys.json')
     values.update(
-        store=store,
+        store=store, api_keys_file=keys if keys.is_absolute() else root/keys,
         tracking_uri=values['tracking_uri'] or f"sqlite:///{store/'mlflow.db'}",
         artifact_root=values['artifact_root'] or (store/'artifacts').as_uri(),
         experiment=values['experiment'] or project.experiment,
