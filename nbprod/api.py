@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #50c2dfda
+# %% ../nbs/19_api.ipynb #e285dd5e
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, logging, random, re, time, uuid
 import numpy as np
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #7c7d5e85
+# %% ../nbs/19_api.ipynb #9fbf320a
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -25,6 +25,7 @@ class Variant:
     version: str
     model: object                 # anything with .predict(DataFrame)
     weight: float = 1.0
+    fields: list|None = None      # the input fields of this version (nbprod.validation.InputField)
 
 @dataclass
 class ServedModel:
@@ -48,7 +49,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #d8579d21
+# %% ../nbs/19_api.ipynb #cf95eb08
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -63,7 +64,7 @@ def _outputs(model:ServedModel, df, y) -> list:
     return np.asarray(y).tolist()
 
 class Endpoint:
-    "What the API serves: models, keys, the audit log, and how to predict (batched under Ray Serve)."
+    "What the API serves: models, keys, the audit log (one, or one per model name), and how to predict (batched under Ray Serve)."
     def __init__(self, models:dict[str, ServedModel], keys:KeyRing, audit=None, predict=_predict_in_thread, max_bytes:int=1_000_000):
         self.models,self.keys,self.audit,self._predict,self.max_bytes = models,keys,audit,predict,max_bytes
         self.shadow_tasks = set()
@@ -82,8 +83,8 @@ class Endpoint:
         variant = model.pick(client_id)
         X = model.preprocess(df) if model.preprocess else df
         outputs = _outputs(model, df, await self._predict(model, variant, X))
-        if self.audit is not None:   # on disk before the answer leaves
-            await self.audit.write(self._records(model, variant, df, outputs, rid, client_id, key, t0))
+        if (audit := self._audit(model)) is not None:   # on disk before the answer leaves
+            await audit.write(self._records(model, variant, df, outputs, rid, client_id, key, t0))
         if model.shadow is not None:
             task = asyncio.get_running_loop().create_task(self._shadow(model, df, X, rid, client_id, key, t0))
             self.shadow_tasks.add(task)
@@ -95,10 +96,13 @@ class Endpoint:
         "The shadow's answer to the same request: audited as variant `shadow:<alias>`, never returned."
         try:
             outputs = _outputs(model, df, await self._predict(model, model.shadow, X))
-            if self.audit is not None:
+            if (audit := self._audit(model)) is not None:
                 shadow = Variant(f"shadow:{model.shadow.alias}", model.shadow.version, None)
-                await self.audit.write(self._records(model, shadow, df, outputs, rid, client_id, key, t0))
+                await audit.write(self._records(model, shadow, df, outputs, rid, client_id, key, t0))
         except Exception: log.exception("shadow prediction of %s failed (request %s)", model.name, rid)
+
+    def _audit(self, model):
+        return self.audit.get(model.name) if isinstance(self.audit, dict) else self.audit
 
     def _records(self, model, variant, df, outputs, rid, client_id, key, t0) -> list[dict]:
         ms = (time.perf_counter() - t0) * 1000
@@ -114,7 +118,7 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #04fe6a1a
+# %% ../nbs/19_api.ipynb #f18a27b3
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     def __init__(self):
@@ -135,7 +139,7 @@ class Metrics:
         from prometheus_client import generate_latest
         return generate_latest(self.registry)
 
-# %% ../nbs/19_api.ipynb #42da95cc
+# %% ../nbs/19_api.ipynb #b943cc05
 def _error(e:RequestError, rid:str):
     from fastapi.responses import JSONResponse
     return JSONResponse({'request_id': rid, **e.body()}, status_code=e.status, headers={**e.headers, 'X-Request-ID': rid})

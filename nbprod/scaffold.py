@@ -114,6 +114,16 @@ SETTING_HELP = {
     'api_keys_file': "the endpoints' API keys, hashed (`nbprod keys create NAME --model MODEL` adds one): empty for api_keys.json in the store",
     'api_keys_env':  "the name of an environment variable holding more API keys (KEY or KEY=model|model, comma-separated), or empty",
     'open_access':   "true lets anyone call the endpoints without an API key (nbprod serve warns); keep false",
+    'serve_host':    "the address endpoints listen on: 127.0.0.1 keeps them on this machine",
+    'serve_port':    "the HTTP port of the endpoints",
+    'serve_replicas': "replicas of each endpoint",
+    'max_ongoing_requests': "requests one replica works on at once",
+    'max_queued_requests': "requests that may wait for a replica; beyond them, 503 with Retry-After",
+    'batch_size':    "records predicted together in one call of the model",
+    'batch_wait_ms': "milliseconds a batch waits to fill up",
+    'max_records':   "records one prediction request may hold",
+    'max_body_bytes': "bytes one request body may have",
+    'registry_poll_s': "seconds between checks of the model registry for new aliases and traffic weights (no restart needed)",
 }
 
 def settings_ini(name:str) -> str:

@@ -62,6 +62,16 @@ def _ray_address(v):
     return v
 
 _ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+def _host(v):
+    v = v.strip()
+    if not re.match(r'^[A-Za-z0-9.:\-]+$', v): raise ValueError(v)
+    return v
+
+def _port(v):
+    n = int(v)
+    if not 1 <= n <= 65535: raise ValueError(v)
+    return n
+
 def _env_name(v):
     v = v.strip()
     if v and not _ENV_NAME.match(v): raise ValueError(v)
@@ -93,6 +103,16 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'api_keys_file': ('', _path, "empty (api_keys.json in the store) or the path of the file of hashed API keys that `nbprod keys` writes"),
     'api_keys_env':  ('', _env_name, "empty, or the name of an environment variable holding API keys: KEY or KEY=model|model, comma-separated"),
     'open_access':   ('false', _bool, "true or false (true: endpoints answer without an API key)"),
+    'serve_host':    ('127.0.0.1', _host, "the address endpoints listen on: 127.0.0.1 (this machine only) or another host name or IP address"),
+    'serve_port':    ('8000', _port, "the HTTP port of the endpoints, 1-65535"),
+    'serve_replicas': ('1', _int_at_least(1), "replicas of each endpoint, an integer >= 1"),
+    'max_ongoing_requests': ('64', _int_at_least(1), "requests one replica works on at once, an integer >= 1"),
+    'max_queued_requests': ('256', _int_at_least(0), "requests waiting for a replica before new ones get 503, an integer >= 0"),
+    'batch_size':    ('32', _int_at_least(1), "records predicted together (@serve.batch), an integer >= 1"),
+    'batch_wait_ms': ('2', _int_at_least(0), "milliseconds a batch waits to fill, an integer >= 0"),
+    'max_records':   ('1000', _int_at_least(1), "records one prediction request may hold, an integer >= 1"),
+    'max_body_bytes': ('1000000', _int_at_least(1), "bytes a request body may have, an integer >= 1"),
+    'registry_poll_s': ('5', _int_at_least(1), "seconds between checks of the registry for new aliases and traffic weights, an integer >= 1"),
 }
 
 # %% ../nbs/01_settings.ipynb #0e3e8507
@@ -106,7 +126,8 @@ class Project:
 
 PROJECT_KEYS = {'experiment': "a string: the MLflow experiment of this project's runs",
                 'secrets': "a table of parameter = \"ENV_VAR\" pairs",
-                'pipelines': "a table of pipelines, [tool.nbprod.pipelines.NAME] (checked by nbprod.pipelines)"}
+                'pipelines': "a table of pipelines, [tool.nbprod.pipelines.NAME] (checked by nbprod.pipelines)",
+                'serve': "the served models, [tool.nbprod.serve.models.NAME] (checked by nbprod.serving)"}
 
 # %% ../nbs/01_settings.ipynb #265b9083
 def load_project(root:str|Path) -> Project:
@@ -159,6 +180,16 @@ class Settings:
     api_keys_file: Path        # hashed API keys of the endpoints (`nbprod keys`)
     api_keys_env: str          # name of an environment variable holding API keys, or ''
     open_access: bool          # endpoints without API keys (an explicit choice; `nbprod serve` warns)
+    serve_host: str
+    serve_port: int
+    serve_replicas: int
+    max_ongoing_requests: int
+    max_queued_requests: int
+    batch_size: int
+    batch_wait_ms: int
+    max_records: int
+    max_body_bytes: int
+    registry_poll_s: int
     secrets: dict = field(default_factory=dict)  # parameter -> environment variable
     project: 'Project' = None  # what the project runs ([tool.nbprod])
 

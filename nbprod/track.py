@@ -133,7 +133,7 @@ def _default_requirements(kwargs):
     return mlflow.sklearn.get_default_pip_requirements(include_cloudpickle=fmt == 'cloudpickle', include_skops=fmt == 'skops')
 
 def log_model(model, name:str='model', X_example=None, registered_name:str|None=None, alias:str|None=None,
-              signature=None, infer_requirements:bool=False, **kwargs):
+              signature=None, infer_requirements:bool=False, request_example=None, **kwargs):
     "Log a scikit-learn `model` to the current run with signature and input example; optionally register it."
     import mlflow
     from mlflow.models import infer_signature
@@ -141,6 +141,9 @@ def log_model(model, name:str='model', X_example=None, registered_name:str|None=
     if signature is None and X_example is not None:
         signature = infer_signature(_head(X_example, 100), model.predict(_head(X_example, 100)))
     example = None if X_example is None else _head(X_example)
+    if request_example is not None:   # raw records, before the serving preprocess function turns them into X
+        schema = infer_signature(_head(request_example, 100)).inputs.to_json()
+        kwargs['metadata'] = {**(kwargs.get('metadata') or {}), 'nbprod': {'request_schema': schema}}
     if not infer_requirements and 'pip_requirements' not in kwargs and 'extra_pip_requirements' not in kwargs:
         kwargs['pip_requirements'] = _default_requirements(kwargs)
     info = mlflow.sklearn.log_model(model, name=name, signature=signature, input_example=example,
