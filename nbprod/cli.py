@@ -16,7 +16,7 @@ from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 
 # %% auto #0
 __all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'main_options', 'run', 'sweep', 'runs', 'new', 'export',
-           'check', 'keys_create', 'keys_list', 'keys_revoke', 'main']
+           'check', 'serve', 'keys_create', 'keys_list', 'keys_revoke', 'main']
 
 # %% ../nbs/10_cli.ipynb #572c1867
 EXAMPLES = """[bold]Examples[/bold]
@@ -317,6 +317,35 @@ def check():
     for p in problems: err.print(f"[red]✗[/red] {p}", highlight=False)
     if problems: raise typer.Exit(1)
     out.print("[green]✓[/green] package matches the notebooks; notebooks are clean")
+
+# %% ../nbs/10_cli.ipynb #7515bb93
+@app.command(epilog="[dim]nbprod keys create me --model bikeshare && nbprod serve[/dim]")
+def serve(profile: ProfileOpt = None,
+          port: Annotated[Optional[int], typer.Option('--port', help="HTTP port (default: serve_port in settings.ini).")] = None,
+          host: Annotated[Optional[str], typer.Option('--host', help="Address to listen on (default: serve_host, 127.0.0.1).")] = None):
+    "Serve the project's registered models over HTTP (Ray Serve) until Ctrl-C."
+    import dataclasses
+    from nbprod.serving import check_before_start, serve_specs, start, stop
+    from nbprod.settings import load_settings
+    try:
+        s = load_settings(profile=profile)
+        s = dataclasses.replace(s, **{k: v for k,v in (('serve_port', port), ('serve_host', host)) if v is not None})
+        for w in check_before_start(s): err.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        specs = serve_specs(s)
+    except NbprodError as e: _fail(e)
+    with _sigterm():
+        try:
+            with err.status("starting Ray Serve and loading the models..."): url = start(s)
+            out.print(f"serving on [bold]{url}[/bold]  (OpenAPI: {url}/docs)", highlight=False)
+            for spec in specs:
+                out.print(f"  POST {url}/v1/models/{spec.name}/predict   [dim]{spec.registered_model}@{spec.champion}"
+                          f"{f' + {spec.challenger}' if spec.challenger else ''}[/dim]", highlight=False)
+            out.print(f"  curl -H 'Authorization: Bearer $KEY' -d '{{...}}' {url}/v1/models/{specs[0].name}/predict\n"
+                      "Ctrl-C stops.", highlight=False)
+            while True: time.sleep(1)
+        except NbprodError as e: _fail(e)
+        except KeyboardInterrupt: err.print("stopping...")
+        finally: stop()
 
 # %% ../nbs/10_cli.ipynb #e0572202
 keys_app = typer.Typer(help="API keys of the endpoints: create, list, revoke.", no_args_is_help=True)

@@ -1,0 +1,126 @@
+"""`nbprod serve` over real HTTP on 127.0.0.1: a registered model behind Ray Serve, with keys, validation and the audit log."""
+import json, signal, socket, time, urllib.error, urllib.request, warnings
+
+import pytest
+
+from conftest import Project
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def call(url, body=None, key=None, method=None, headers=None):
+    "(status, JSON body, headers) of one request."
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ('POST' if data is not None else 'GET'),
+                                 headers={'Content-Type': 'application/json', **({'Authorization': f'Bearer {key}'} if key else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r: return r.status, _json(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e: return e.code, _json(e.read()), dict(e.headers)
+
+
+def _json(raw: bytes):
+    try: return json.loads(raw)
+    except ValueError: return raw.decode(errors='replace')   # Ray Serve's own answers before the app is up are text
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+    "A project with model `bikeshare` (v1 champion) and a key, served by `nbprod serve` for the whole module."
+    import mlflow
+    import pandas as pd
+    from sklearn.linear_model import LinearRegression
+    from nbprod.auth import create_key
+    from nbprod.serving import _mlflow
+    from nbprod.store import experiment_id
+    p = Project(tmp_path_factory.mktemp('serve'))
+    (p.root/'pyproject.toml').write_text('[project]\nname = "demo"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.bikeshare]\npii = ["client_id"]\n')
+    port = free_port()
+    (p.root/'settings.ini').write_text(f'[DEFAULT]\nserve_port = {port}\nmax_records = 50\nregistry_poll_s = 1\n')
+    s = p.settings()
+    client = _mlflow(s)
+    X = pd.DataFrame({'temp': [0.1, 0.5, 0.9], 'hr': [1, 8, 17]})
+    for k in (1, 2):
+        with mlflow.start_run(experiment_id=experiment_id(s)), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            mlflow.sklearn.log_model(LinearRegression().fit(X, k * (X.temp * 100 + X.hr)), name='model', input_example=X.head(2),
+                                     registered_model_name='bikeshare', serialization_format='cloudpickle')
+    client.set_registered_model_alias('bikeshare', 'champion', '1')
+    _, key = create_key(s, 'tests', ['bikeshare'])
+    _, other = create_key(s, 'other-team', ['taxi'])
+    proc = p.popen('serve')
+    url = f'http://127.0.0.1:{port}'
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if call(f'{url}/readyz')[0] == 200: break
+            except (urllib.error.URLError, ConnectionError, OSError): pass
+            assert time.time() < deadline, "the endpoint did not become ready"
+            time.sleep(1)
+        yield p, url, key, other, client, proc
+    finally:
+        if proc.poll() is None: proc.send_signal(signal.SIGINT)   # nbprod serve stops Serve and its Ray
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and 'stopping' in err, err
+
+
+def test_predict_one_and_many_with_request_id(served):
+    p, url, key, *_ = served
+    status, body, headers = call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key, headers={'X-Request-ID': 'r-1', 'X-Client-ID': 'c9'})
+    assert status == 200 and body['request_id'] == 'r-1' and body['version'] == '1' and body['variant'] == 'champion', body
+    assert abs(body['prediction'] - 58.0) < 1e-6 and headers['x-model-version'] == '1'
+    status, body, _ = call(f'{url}/v1/models/bikeshare/predict', [{'temp': 0.5, 'hr': 8}] * 3, key)
+    assert status == 200 and len(body['predictions']) == 3
+
+
+@pytest.mark.parametrize('body, key, status, text', [
+    ({'temp': 0.5, 'hr': 8}, None, 401, 'no API key'),
+    ({'temp': 0.5, 'hr': 8}, 'nbp_00000000_wrong', 401, 'unknown API key'),
+    ({'temp': 0.5}, 'KEY', 422, 'missing field'),
+    ({'temp': 'x', 'hr': 8}, 'KEY', 422, 'expected a number'),
+    (b'{"temp": 0.5,', 'KEY', 400, 'malformed JSON'),
+    ([], 'KEY', 422, 'empty list'),
+    ([{'temp': 0.5, 'hr': 8}] * 51, 'KEY', 422, 'at most 50'),
+])
+def test_bad_requests_are_4xx_and_the_server_goes_on(served, body, key, status, text):
+    p, url, good, *_ = served
+    got, answer, _ = call(f'{url}/v1/models/bikeshare/predict', body, good if key == 'KEY' else key)
+    assert got == status and text in answer['error'], answer
+    assert call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, good)[0] == 200
+
+
+def test_wrong_scope_is_403_and_models_lists_fields(served):
+    p, url, key, other, *_ = served
+    status, body, _ = call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, other)
+    assert status == 403 and "may not call model 'bikeshare'" in body['error']
+    status, body, _ = call(f'{url}/v1/models', key=key)
+    assert status == 200 and body['models'][0]['inputs'] == [{'name': 'temp', 'type': 'double', 'required': True},
+                                                              {'name': 'hr', 'type': 'long', 'required': True}]
+    assert call(f'{url}/healthz')[0] == 200
+
+
+def test_promotion_takes_effect_without_restart(served):
+    p, url, key, other, client, proc = served
+    client.set_registered_model_alias('bikeshare', 'champion', '2')
+    deadline = time.time() + 60
+    while call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key)[1]['version'] != '2':
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    status, body, _ = call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key)
+    assert status == 200 and abs(body['prediction'] - 116.0) < 1e-6
+
+
+def test_answered_predictions_are_in_the_audit_log(served):
+    from nbprod.audit import read_audit
+    p, url, key, *_ = served
+    status, body, _ = call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.9, 'hr': 17}, key, headers={'X-Request-ID': 'audit-me', 'X-Client-ID': 'alice'})
+    assert status == 200
+    df = read_audit(p.settings().store/'audit', 'bikeshare')
+    row = df[df.request_id == 'audit-me'].iloc[0]
+    assert row.key == 'tests' and row.client_id.startswith('hmac:') and json.loads(row.inputs) == {'temp': 0.9, 'hr': 17}
+    assert abs(json.loads(row.outputs) - body['prediction']) < 1e-9
