@@ -11,7 +11,7 @@ UV_VERSION := 0.13.8
 STAMP := $(VENV)/.nbprod-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install lock export check-export nbtest pytest docs example test demo lab clean
+.PHONY: help sysdeps install lock export check-export nbtest pytest docs example test demo lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -24,7 +24,19 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (nbprod)" >/dev/null
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the locked dependencies
+install: $(STAMP) sysdeps  ## create .venv and install the locked dependencies
+
+# Debian packages nbprod uses when present: haproxy (Ray Serve's fast HTTP path; without it, Serve's own proxy)
+DEBS := haproxy
+sysdeps:  ## install the Debian packages above when missing (needs root and apt; otherwise says what is missing)
+	@missing=$$(for p in $(DEBS); do command -v $$p >/dev/null || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $$missing (apt-get)"; \
+	    (apt-get install -y -qq $$missing >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null)) \
+	      || echo "warning: could not install $$missing; nbprod serve falls back to Ray Serve's default proxy"; \
+	  else echo "warning: $$missing not installed (needs root and apt-get); nbprod serve falls back to Ray Serve's default proxy"; fi; \
+	fi
 
 lock:  ## re-resolve requirements.lock from pyproject.toml (needs the index)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

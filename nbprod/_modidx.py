@@ -257,6 +257,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'nbprod.serving._mlflow': ('serving.html#_mlflow', 'nbprod/serving.py'),
                                 'nbprod.serving.aliases': ('serving.html#aliases', 'nbprod/serving.py'),
                                 'nbprod.serving.check_before_start': ('serving.html#check_before_start', 'nbprod/serving.py'),
+                                'nbprod.serving.choose_proxy': ('serving.html#choose_proxy', 'nbprod/serving.py'),
                                 'nbprod.serving.import_function': ('serving.html#import_function', 'nbprod/serving.py'),
                                 'nbprod.serving.load_version': ('serving.html#load_version', 'nbprod/serving.py'),
                                 'nbprod.serving.serve_app': ('serving.html#serve_app', 'nbprod/serving.py'),

@@ -335,13 +335,15 @@ def serve(profile: ProfileOpt = None,
     except NbprodError as e: _fail(e)
     with _sigterm():
         try:
-            with err.status("starting Ray Serve and loading the models..."): url = start(s)
-            out.print(f"serving on [bold]{url}[/bold]  (OpenAPI: {url}/docs)", highlight=False)
+            with err.status("starting Ray Serve and loading the models..."): url,proxy = start(s)
+            out.print(f"serving on [bold]{url}[/bold]  (OpenAPI: {url}/docs; HTTP proxy: "
+                      f"{'HAProxy' if proxy == 'haproxy' else proxy + (' (install haproxy for the fast path)' if proxy == 'default' else '')})", highlight=False)
             for spec in specs:
                 out.print(f"  POST {url}/v1/models/{spec.name}/predict   [dim]{spec.registered_model}@{spec.champion}"
                           f"{f' + {spec.challenger}' if spec.challenger else ''}[/dim]", highlight=False)
             out.print(f"  curl -H 'Authorization: Bearer $KEY' -d '{{...}}' {url}/v1/models/{specs[0].name}/predict\n"
                       "Ctrl-C stops.", highlight=False)
+            out.file.flush()
             while True: time.sleep(1)
         except NbprodError as e: _fail(e)
         except KeyboardInterrupt: err.print("stopping...")

@@ -1,5 +1,6 @@
 """`nbprod serve` over real HTTP on 127.0.0.1: a registered model behind Ray Serve, with keys, validation and the audit log."""
-import json, signal, socket, time, urllib.error, urllib.request, warnings
+import json, shutil, signal, socket, time, urllib.error, urllib.request, warnings
+from pathlib import Path
 
 import pytest
 
@@ -62,11 +63,15 @@ def served(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, OSError): pass
             assert time.time() < deadline, "the endpoint did not become ready"
             time.sleep(1)
+        listening = [l.split() for l in Path('/proc/net/tcp').read_text().splitlines()[1:]]
+        mine = [l[1] for l in listening if l[3] == '0A' and int(l[1].split(':')[1], 16) == port]
+        assert mine and all(a.startswith('0100007F:') for a in mine), mine    # 127.0.0.1 only
         yield p, url, key, other, client, proc
     finally:
         if proc.poll() is None: proc.send_signal(signal.SIGINT)   # nbprod serve stops Serve and its Ray
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and 'stopping' in err, err
+    assert ('HTTP proxy: HAProxy' if shutil.which('haproxy') else 'install haproxy for the fast path') in out, out
 
 
 def test_predict_one_and_many_with_request_id(served):
