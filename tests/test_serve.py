@@ -129,3 +129,30 @@ def test_answered_predictions_are_in_the_audit_log(served):
     row = df[df.request_id == 'audit-me'].iloc[0]
     assert row.key == 'tests' and row.client_id.startswith('hmac:') and json.loads(row.inputs) == {'temp': 0.9, 'hr': 17}
     assert abs(json.loads(row.outputs) - body['prediction']) < 1e-9
+
+
+def test_fuzz_1000_bad_requests_no_5xx(served):
+    "Generated bad bodies and headers (hypothesis): every answer is 4xx, none 5xx, and the server still answers."
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    p, url, key, *_ = served
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.text(max_size=20),
+                        st.floats(allow_nan=True, allow_infinity=True))
+    json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+    near_records = st.fixed_dictionaries({}, optional={'temp': scalars, 'hr': scalars, 'extra': scalars})   # missing, wrong types, unknown
+    bodies = st.one_of(json_values.map(lambda v: json.dumps(v).encode()), near_records.map(lambda v: json.dumps(v).encode()),
+                       st.lists(near_records, max_size=60).map(lambda v: json.dumps(v).encode()), st.binary(max_size=200))
+    keys = st.sampled_from([None, 'KEY', 'nbp_12345678_wrong', '', 'KEY KEY'])
+    seen = []
+
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(body=bodies, k=keys)
+    def one(body, k):
+        status, answer, _ = call(f'{url}/v1/models/bikeshare/predict', body, key if k == 'KEY' else (f'{key} {key}' if k == 'KEY KEY' else k))
+        seen.append(status)
+        assert status < 500, (status, body[:200], answer)
+        if status >= 400: assert isinstance(answer, dict) and answer.get('error'), answer
+
+    one()
+    assert len(seen) >= 1000 and sum(s >= 400 for s in seen) > 900, seen[:20]
+    assert call(f'{url}/healthz')[0] == 200
+    assert call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key)[0] == 200
