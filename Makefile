@@ -64,11 +64,13 @@ example: install  ## the bike-share example's own suite: export drift, notebook 
 
 test: check-export nbtest pytest docs example  ## the whole suite
 
-demo: install  ## run the bike-share pipeline (ingest -> features -> train, evaluate) on local Ray, tracked in MLflow
+demo: install  ## the bike-share pipeline on local Ray, tracked in MLflow; then its champion served and asked about July
 	cd $(EXAMPLE) && $(abspath $(BIN))/nbprod run train
+	cd $(EXAMPLE) && $(abspath $(BIN))/python scripts/try_endpoint.py
 	@echo
 	@echo "next, in $(EXAMPLE) (with $(abspath $(BIN)) on PATH):"
 	@echo "  nbprod runs                                       # the pipeline run and its steps"
+	@echo "  nbprod serve                                      # the champion on http://127.0.0.1:8000 (nbprod keys create NAME)"
 	@echo "  nbprod run train -p learning_rate=0.05            # ingest and features are cached; train and evaluate re-run"
 	@echo "  nbprod sweep nbs/02_train.ipynb -p learning_rate=0.05,0.1,0.2 -p max_leaf_nodes=15,31 --sort val_rmse"
 	@echo "  mlflow ui --backend-store-uri sqlite:///.nbprod/mlflow.db    # runs, nested steps, the registered model"

@@ -347,7 +347,7 @@ def serve(profile: ProfileOpt = None,
             while True: time.sleep(1)
         except NbprodError as e: _fail(e)
         except KeyboardInterrupt: err.print("stopping...")
-        finally: stop()
+        finally: stop(s)
 
 # %% ../nbs/10_cli.ipynb #e0572202
 keys_app = typer.Typer(help="API keys of the endpoints: create, list, revoke.", no_args_is_help=True)

@@ -54,3 +54,29 @@ def test_pipeline_end_to_end_then_cached(copy):
     assert again.returncode == 0, again.stdout + again.stderr
     assert set(rows(again.stdout).values()) == {'CACHED'}, again.stdout
     assert len(client.search_model_versions("name = 'bikeshare'")) == 1   # nothing re-registered
+    assert str(client.get_model_version_by_alias('bikeshare', 'champion').version) == '1'   # the first model serves at once
+
+
+def test_champion_served_with_raw_july_records(copy):
+    "After the pipeline: `nbprod serve` (Ray Serve, real HTTP on 127.0.0.1) answers raw July records through make_features."
+    if not (copy/'data/processed/production.parquet').exists(): pytest.skip("needs the pipeline run of the test above")
+    env = {k: v for k, v in os.environ.items() if not k.startswith('NBPROD_')}
+    port = str(_free_port())
+    r = subprocess.run([sys.executable, 'scripts/try_endpoint.py', '--records', '3'], cwd=copy, capture_output=True, text=True,
+                       timeout=400, env={**env, 'NBPROD_SERVE_PORT': port, 'PATH': f"{Path(sys.executable).parent}:{env.get('PATH', '')}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.strip().startswith('July,')]
+    assert len(lines) == 3 and 'bikeshare version 1 (champion)' in r.stdout, r.stdout
+    preds = [float(l.split('predicted')[1].split()[0]) for l in lines]
+    assert all(0 <= p < 1500 for p in preds), preds
+    assert f'http://127.0.0.1:{port}/v1/models/bikeshare/predict' in r.stdout and 'Authorization: Bearer $KEY' in r.stdout
+    from nbprod.audit import read_audit
+    audited = read_audit(copy/'.nbprod'/'audit', 'bikeshare')
+    assert len(audited) == 3 and audited.key.eq('demo').all()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
