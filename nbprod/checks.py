@@ -34,7 +34,7 @@ def _differ(a:Path, b:Path, pattern:str) -> list[str]:
 
 # %% ../nbs/08_checks.ipynb #4310fb6b
 def check_project(root:str|Path='.') -> list[str]:
-    "Problems found: package files that differ from the notebooks' export, notebooks that are not clean."
+    "Problems found: package files that differ from the notebooks' export, notebooks that are not clean, generated apps that drifted."
     root = Path(root).resolve()
     lib,nbs = _nbdev_paths(root)
     problems = []
@@ -55,4 +55,12 @@ def check_project(root:str|Path='.') -> list[str]:
             src = head.split('File to edit:')[1].split()[0].rstrip('.')
             if not (py.parent/src).resolve().exists():
                 problems.append(f"{py.relative_to(root)} was exported from {src}, which no longer exists (delete it)")
+    if _has_nbprod_table(root):
+        from nbprod.apps import apps_drift
+        problems += apps_drift(root)
     return problems
+
+def _has_nbprod_table(root:Path) -> bool:
+    import tomllib
+    try: return 'nbprod' in tomllib.loads((root/'pyproject.toml').read_text()).get('tool', {})
+    except (OSError, ValueError): return False

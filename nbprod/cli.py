@@ -16,7 +16,7 @@ from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 
 # %% auto #0
 __all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'main_options', 'run', 'sweep', 'runs', 'new', 'export',
-           'check', 'serve', 'keys_create', 'keys_list', 'keys_revoke', 'main']
+           'check', 'serve', 'apps', 'keys_create', 'keys_list', 'keys_revoke', 'main']
 
 # %% ../nbs/10_cli.ipynb #572c1867
 EXAMPLES = """[bold]Examples[/bold]
@@ -319,14 +319,20 @@ def check():
     out.print("[green]✓[/green] package matches the notebooks; notebooks are clean")
 
 # %% ../nbs/10_cli.ipynb #7515bb93
-@app.command(epilog="[dim]nbprod keys create me --model bikeshare && nbprod serve[/dim]")
+@app.command(epilog="[dim]nbprod keys create me --model bikeshare && nbprod serve\n\nnbprod apps && nbprod serve --build serve_config.yaml[/dim]")
 def serve(profile: ProfileOpt = None,
           port: Annotated[Optional[int], typer.Option('--port', help="HTTP port (default: serve_port in settings.ini).")] = None,
-          host: Annotated[Optional[str], typer.Option('--host', help="Address to listen on (default: serve_host, 127.0.0.1).")] = None):
+          host: Annotated[Optional[str], typer.Option('--host', help="Address to listen on (default: serve_host, 127.0.0.1).")] = None,
+          build: Annotated[Optional[Path], typer.Option('--build', help="Write the Ray Serve config YAML (for a RayService on KubeRay) to this file, and stop.")] = None):
     "Serve the project's registered models over HTTP (Ray Serve) until Ctrl-C."
     import dataclasses
     from nbprod.serving import check_before_start, serve_specs, start, stop
     from nbprod.settings import load_settings
+    if build is not None:
+        from nbprod.apps import build_config
+        try: out.print(f"wrote {build_config(load_settings(profile=profile), build)}: the serveConfigV2 of a RayService")
+        except NbprodError as e: _fail(e)
+        return
     try:
         s = load_settings(profile=profile)
         s = dataclasses.replace(s, **{k: v for k,v in (('serve_port', port), ('serve_host', host)) if v is not None})
@@ -348,6 +354,16 @@ def serve(profile: ProfileOpt = None,
         except NbprodError as e: _fail(e)
         except KeyboardInterrupt: err.print("stopping...")
         finally: stop(s)
+
+@app.command()
+def apps():
+    "Write the project's generated apps (apps/serve.py from [tool.nbprod.serve])."
+    from nbprod.apps import write_apps
+    from nbprod.settings import find_project
+    try: written = write_apps(find_project())
+    except NbprodError as e: _fail(e)
+    for p in written: out.print(f"wrote {p}")
+    if not written: out.print("nothing to write: pyproject.toml has no [tool.nbprod.serve]")
 
 # %% ../nbs/10_cli.ipynb #e0572202
 keys_app = typer.Typer(help="API keys of the endpoints: create, list, revoke.", no_args_is_help=True)

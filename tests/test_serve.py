@@ -156,3 +156,19 @@ def test_fuzz_1000_bad_requests_no_5xx(served):
     assert len(seen) >= 1000 and sum(s >= 400 for s in seen) > 900, seen[:20]
     assert call(f'{url}/healthz')[0] == 200
     assert call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key)[0] == 200
+
+
+def test_generated_app_and_serve_build(served):
+    "`nbprod apps` writes apps/serve.py (drift detected), `nbprod serve --build` writes the RayService's Serve config."
+    import yaml
+    from nbprod.apps import apps_drift
+    p, *_ = served
+    assert apps_drift(p.root) == ["apps/serve.py is missing (run nbprod apps)"]
+    r = p.cli('apps')
+    assert r.returncode == 0 and 'apps/serve.py' in r.stdout, r.stderr
+    assert apps_drift(p.root) == [] and 'POST /v1/models/bikeshare/predict' in (p.root/'apps'/'serve.py').read_text()
+    r = p.cli('serve', '--build', 'serve_config.yaml')
+    assert r.returncode == 0, r.stdout + r.stderr
+    [app] = yaml.safe_load((p.root/'serve_config.yaml').read_text())['applications']
+    assert app['import_path'] == 'apps.serve:app' and app['runtime_env']['env_vars']['NBPROD_PROFILE'] == 'DEFAULT'
+    assert app['deployments'][0]['max_queued_requests'] == 256
