@@ -38,7 +38,7 @@ def served(tmp_path_factory):
     from nbprod.serving import _mlflow
     from nbprod.store import experiment_id
     p = Project(tmp_path_factory.mktemp('serve'))
-    (p.root/'pyproject.toml').write_text('[project]\nname = "demo"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.bikeshare]\npii = ["client_id"]\n')
+    (p.root/'pyproject.toml').write_text('[project]\nname = "demo"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.bikeshare]\nchallenger = "challenger"\npii = ["client_id"]\n')
     port = free_port()
     (p.root/'settings.ini').write_text(f'[DEFAULT]\nserve_port = {port}\nmax_records = 50\nregistry_poll_s = 1\n')
     s = p.settings()
@@ -109,13 +109,53 @@ def test_wrong_scope_is_403_and_models_lists_fields(served):
     assert call(f'{url}/healthz')[0] == 200
 
 
-def test_promotion_takes_effect_without_restart(served):
-    p, url, key, other, client, proc = served
-    client.set_registered_model_alias('bikeshare', 'champion', '2')
-    deadline = time.time() + 60
-    while call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key)[1]['version'] != '2':
-        assert time.time() < deadline and proc.poll() is None
+def _until(predicate, proc, seconds=60):
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline and proc.poll() is None, "the registry change did not reach the endpoint"
         time.sleep(0.5)
+
+
+def test_ab_split_and_sticky_clients_over_http(served):
+    "Challenger v2 at 30 %: the split holds over 400 requests, a client id always lands on the same variant."
+    from nbprod.serving import set_traffic
+    p, url, key, other, client, proc = served
+    client.set_registered_model_alias('bikeshare', 'challenger', '2')
+    set_traffic(p.settings(), 'bikeshare', 0.3)
+    predict = lambda **h: call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key, headers=h)[1]
+    _until(lambda: any(predict()['variant'] == 'challenger' for _ in range(20)), proc)
+    got = [predict()['variant'] for _ in range(400)]
+    share = got.count('challenger') / len(got)
+    assert 0.22 < share < 0.38, share
+    for c in ('alice', 'bob', 'carol'):
+        assert len({predict(**{'X-Client-ID': c})['variant'] for _ in range(10)}) == 1
+    set_traffic(p.settings(), 'bikeshare', 0.0)
+    client.delete_registered_model_alias('bikeshare', 'challenger')
+    _until(lambda: all(predict()['variant'] == 'champion' for _ in range(20)), proc)
+
+
+def test_promotion_under_load_drops_nothing(served):
+    "Champion v1 -> v2 while requests flow: every request answered 200, by v1 then v2, no restart."
+    import threading
+    p, url, key, other, client, proc = served
+    answers, stop = [], threading.Event()
+    def load():
+        while not stop.is_set():
+            status, body, _ = call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key)
+            answers.append((status, body.get('version') if isinstance(body, dict) else body))
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads: t.start()
+    try:
+        time.sleep(2)
+        client.set_registered_model_alias('bikeshare', 'champion', '2')
+        _until(lambda: answers and answers[-1][1] == '2', proc)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads: t.join()
+    assert answers and all(s == 200 for s, _ in answers), [a for a in answers if a[0] != 200][:5]
+    versions = [v for _, v in answers]
+    assert versions[0] == '1' and versions[-1] == '2' and len(answers) > 50, (len(answers), versions[:3], versions[-3:])
     status, body, _ = call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key)
     assert status == 200 and abs(body['prediction'] - 116.0) < 1e-6
 
