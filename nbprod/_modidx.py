@@ -65,7 +65,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'nbprod.cache.products_intact': ('cache.html#products_intact', 'nbprod/cache.py')},
             'nbprod.checks': { 'nbprod.checks._differ': ('checks.html#_differ', 'nbprod/checks.py'),
                                'nbprod.checks._files': ('checks.html#_files', 'nbprod/checks.py'),
-                               'nbprod.checks._has_nbprod_table': ('checks.html#_has_nbprod_table', 'nbprod/checks.py'),
                                'nbprod.checks._nbdev_paths': ('checks.html#_nbdev_paths', 'nbprod/checks.py'),
                                'nbprod.checks._tool': ('checks.html#_tool', 'nbprod/checks.py'),
                                'nbprod.checks.check_project': ('checks.html#check_project', 'nbprod/checks.py'),

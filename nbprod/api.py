@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #e285dd5e
+# %% ../nbs/19_api.ipynb #b7c45c25
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, logging, random, re, time, uuid
 import numpy as np
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 from .auth import KeyRing
 from .errors import RequestError
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #9fbf320a
+# %% ../nbs/19_api.ipynb #b90f1053
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -49,7 +49,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #cf95eb08
+# %% ../nbs/19_api.ipynb #1030c3f3
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -118,7 +118,7 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #f18a27b3
+# %% ../nbs/19_api.ipynb #367afc58
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     def __init__(self):
@@ -139,7 +139,7 @@ class Metrics:
         from prometheus_client import generate_latest
         return generate_latest(self.registry)
 
-# %% ../nbs/19_api.ipynb #b943cc05
+# %% ../nbs/19_api.ipynb #89f42074
 def _error(e:RequestError, rid:str):
     from fastapi.responses import JSONResponse
     return JSONResponse({'request_id': rid, **e.body()}, status_code=e.status, headers={**e.headers, 'X-Request-ID': rid})

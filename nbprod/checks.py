@@ -55,12 +55,8 @@ def check_project(root:str|Path='.') -> list[str]:
             src = head.split('File to edit:')[1].split()[0].rstrip('.')
             if not (py.parent/src).resolve().exists():
                 problems.append(f"{py.relative_to(root)} was exported from {src}, which no longer exists (delete it)")
-    if _has_nbprod_table(root):
+    from nbprod.settings import _has_nbprod
+    if _has_nbprod(root/'pyproject.toml'):
         from nbprod.apps import apps_drift
         problems += apps_drift(root)
     return problems
-
-def _has_nbprod_table(root:Path) -> bool:
-    import tomllib
-    try: return 'nbprod' in tomllib.loads((root/'pyproject.toml').read_text()).get('tool', {})
-    except (OSError, ValueError): return False

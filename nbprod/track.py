@@ -113,7 +113,9 @@ def log_param(key:str, value):
     _check_name('parameter', key)
     value = _scrub(value)[:6000]
     if (path := _log_file()):
-        logged = _state.setdefault('params', {str(k): str(v) for k,v in json.loads(os.environ.get('NBPROD_PARAMS') or '{}').items()})
+        if 'params' not in _state:   # the notebook parameters nbprod logged for this run
+            _state['params'] = {str(k): str(v) for k,v in json.loads(os.environ.get('NBPROD_PARAMS') or '{}').items()}
+        logged = _state['params']
         if logged.get(key, value) != value:
             raise TrackingError(f"parameter {key!r} is already {logged[key]!r} in this run; MLflow parameters cannot change",
                                 hint="log a value that changes as a metric, or use another name")

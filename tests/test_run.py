@@ -62,6 +62,7 @@ def test_in_notebook_api_logs_and_registers_a_model(project):
     import mlflow
     from mlflow.models import get_model_info
     mlflow.set_tracking_uri(project.settings().tracking_uri)
+    mlflow.set_registry_uri(project.settings().registry_uri)   # models:/ URIs go to the registry (another test may have set it)
     info = get_model_info('models:/diabetes@champion')
     assert 'bmi' in info.signature.inputs.input_names()
     assert info.saved_input_example_info is not None
