@@ -5,19 +5,19 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #b7c45c25
+# %% ../nbs/19_api.ipynb #79b8ae9b
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, logging, random, re, time, uuid
 import numpy as np
 from dataclasses import dataclass
 from typing import Callable
 from .auth import KeyRing
-from .errors import RequestError
+from .errors import NbprodError, RequestError
 from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #b90f1053
+# %% ../nbs/19_api.ipynb #7a67c6b5
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -26,6 +26,16 @@ class Variant:
     model: object                 # anything with .predict(DataFrame)
     weight: float = 1.0
     fields: list|None = None      # the input fields of this version (nbprod.validation.InputField)
+    background: object = None     # a DataFrame of training features to explain against (nbprod.explain)
+    explainer: object = None      # made on the first explanation, kept for the next
+
+    def explainer_of(self):
+        "This version's `nbprod.explain.Explainer` (made once; a model that cannot be explained is a 501 that says why)."
+        if self.explainer is None:
+            from nbprod.explain import Explainer
+            try: self.explainer = Explainer(self.model, self.background)
+            except NbprodError as e: raise RequestError(str(e), status=501, hint=e.hint) from None
+        return self.explainer
 
 @dataclass
 class ServedModel:
@@ -49,7 +59,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #1030c3f3
+# %% ../nbs/19_api.ipynb #d0caf925
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -92,6 +102,26 @@ class Endpoint:
         return {'request_id': rid, 'model': name, 'version': variant.version, 'variant': variant.alias,
                 'predictions' if many else 'prediction': outputs if many else outputs[0]}
 
+    async def explain(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None) -> dict:
+        "Check, predict and explain, audit (with the explanation); the answer's body."
+        t0 = time.perf_counter()
+        model = self.model(name)
+        key = self.keys.check(authorization, name)
+        df,many = model.validator.parse(body)
+        variant = model.pick(client_id)
+        X = model.preprocess(df) if model.preprocess else df
+        def work():
+            explainer = variant.explainer_of()
+            return explainer, explainer.explain(X), variant.model.predict(X)
+        explainer,found,y = await asyncio.to_thread(work)
+        outputs = _outputs(model, df, y)
+        found = [{'prediction': o, **e} for o,e in zip(outputs, found)]
+        if (audit := self._audit(model)) is not None:
+            await audit.write(self._records(model, variant, df, outputs, rid, client_id, key, t0, found))
+        return {'request_id': rid, 'model': name, 'version': variant.version, 'variant': variant.alias,
+                'method': explainer.method, 'exact': explainer.exact,
+                'explanations' if many else 'explanation': found if many else found[0]}
+
     async def _shadow(self, model, df, X, rid, client_id, key, t0):
         "The shadow's answer to the same request: audited as variant `shadow:<alias>`, never returned."
         try:
@@ -104,12 +134,14 @@ class Endpoint:
     def _audit(self, model):
         return self.audit.get(model.name) if isinstance(self.audit, dict) else self.audit
 
-    def _records(self, model, variant, df, outputs, rid, client_id, key, t0) -> list[dict]:
+    def _records(self, model, variant, df, outputs, rid, client_id, key, t0, explanations=None) -> list[dict]:
         ms = (time.perf_counter() - t0) * 1000
         rows = df.to_dict('records')
-        return [{'request_id': rid, 'index': i, 'client_id': client_id, 'key': key.name if key else None, 'model': model.name,
-                 'version': variant.version, 'variant': variant.alias, 'inputs': r, 'outputs': o, 'latency_ms': round(ms, 3)}
-                for i,(r,o) in enumerate(zip(rows, outputs))]
+        out = [{'request_id': rid, 'index': i, 'client_id': client_id, 'key': key.name if key else None, 'model': model.name,
+                'version': variant.version, 'variant': variant.alias, 'inputs': r, 'outputs': o, 'latency_ms': round(ms, 3)}
+               for i,(r,o) in enumerate(zip(rows, outputs))]
+        for r,e in zip(out, explanations or []): r['explanation'] = e
+        return out
 
     def describe(self) -> list[dict]:
         "`GET /v1/models`."
@@ -118,28 +150,28 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #367afc58
+# %% ../nbs/19_api.ipynb #5e541593
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Histogram
         self.registry = CollectorRegistry()
-        labels = ['model', 'version', 'variant', 'code']
+        labels = ['model', 'version', 'variant', 'route', 'code']
         self.requests = Counter('nbprod_requests', "Prediction requests answered", labels, registry=self.registry)
         self.errors = Counter('nbprod_request_errors', "Prediction requests answered with an error (4xx or 5xx)", labels, registry=self.registry)
-        self.latency = Histogram('nbprod_request_latency_seconds', "Time to answer a prediction request", ['model', 'version', 'variant'],
+        self.latency = Histogram('nbprod_request_latency_seconds', "Time to answer a prediction request", ['model', 'version', 'variant', 'route'],
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=self.registry)
 
-    def observe(self, model:str, version:str, variant:str, code:int, seconds:float):
-        self.requests.labels(model, version, variant, str(code)).inc()
-        if code >= 400: self.errors.labels(model, version, variant, str(code)).inc()
-        self.latency.labels(model, version, variant).observe(seconds)
+    def observe(self, model:str, version:str, variant:str, code:int, seconds:float, route:str='predict'):
+        self.requests.labels(model, version, variant, route, str(code)).inc()
+        if code >= 400: self.errors.labels(model, version, variant, route, str(code)).inc()
+        self.latency.labels(model, version, variant, route).observe(seconds)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
         return generate_latest(self.registry)
 
-# %% ../nbs/19_api.ipynb #89f42074
+# %% ../nbs/19_api.ipynb #7933df79
 def _error(e:RequestError, rid:str):
     from fastapi.responses import JSONResponse
     return JSONResponse({'request_id': rid, **e.body()}, status_code=e.status, headers={**e.headers, 'X-Request-ID': rid})
@@ -172,7 +204,7 @@ def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[],
         log.exception("request %s failed", rid)
         return JSONResponse({'request_id': rid, 'error': f"internal error: {type(e).__name__}"}, status_code=500, headers={'X-Request-ID': rid})
 
-    async def predict(request:Request, name:str):
+    async def answer(request:Request, name:str, route:str='predict'):
         rid = request_id(request.headers.get('x-request-id'))
         t0 = time.perf_counter()
         version = variant = ''
@@ -181,7 +213,7 @@ def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[],
             if size.isdigit() and int(size) > endpoint.max_bytes:   # refused before reading it
                 raise RequestError(f"the body is {int(size):,} bytes, over the limit of {endpoint.max_bytes:,}", status=413)
             body = await request.body()
-            out = await endpoint.predict(name, body, request.headers.get('authorization'), rid, request.headers.get('x-client-id'))
+            out = await getattr(endpoint, route)(name, body, request.headers.get('authorization'), rid, request.headers.get('x-client-id'))
             version,variant,code = out['version'],out['variant'],200
             return JSONResponse(out, headers={'X-Request-ID': rid, 'X-Model-Name': name, 'X-Model-Version': version, 'X-Model-Variant': variant})
         except RequestError as e:
@@ -191,16 +223,23 @@ def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[],
             code = 500
             raise
         finally:
-            if name in endpoint.models: metrics.observe(name, version, variant, code, time.perf_counter() - t0)
+            if name in endpoint.models: metrics.observe(name, version, variant, code, time.perf_counter() - t0, route)
 
     for name,m in endpoint.models.items():   # one route per model, each with its request schema in the OpenAPI document
         schema = m.validator.json_schema()
-        async def route(request:Request, _name=name): return await predict(request, _name)
-        app.add_api_route(f"/v1/models/{name}/predict", route, methods=['POST'], name=f"predict_{name}",
-                          summary=f"Predict with {name}", openapi_extra={'requestBody': {'required': True, 'content': {'application/json': {'schema': schema}}}})
+        body = {'requestBody': {'required': True, 'content': {'application/json': {'schema': schema}}}}
+        async def predict(request:Request, _name=name): return await answer(request, _name, 'predict')
+        async def explain(request:Request, _name=name): return await answer(request, _name, 'explain')
+        app.add_api_route(f"/v1/models/{name}/predict", predict, methods=['POST'], name=f"predict_{name}",
+                          summary=f"Predict with {name}", openapi_extra=body)
+        app.add_api_route(f"/v1/models/{name}/explain", explain, methods=['POST'], name=f"explain_{name}",
+                          summary=f"Predict with {name}, and each feature's contribution", openapi_extra=body)
 
     @app.post('/v1/models/{name}/predict', summary="Predict (any model)", include_in_schema=False)
-    async def predict_any(request:Request, name:str): return await predict(request, name)
+    async def predict_any(request:Request, name:str): return await answer(request, name, 'predict')
+
+    @app.post('/v1/models/{name}/explain', summary="Explain (any model)", include_in_schema=False)
+    async def explain_any(request:Request, name:str): return await answer(request, name, 'explain')
 
     @app.get('/v1/models', summary="The models served, their variants and input fields")
     async def models(request:Request):

@@ -119,6 +119,7 @@ SETTING_HELP = {
     'serve_replicas': "replicas of each endpoint",
     'max_ongoing_requests': "requests one replica works on at once",
     'max_queued_requests': "requests that may wait for a replica; beyond them, 503 with Retry-After",
+    'retry_after_s': "the Retry-After of those 503 answers: seconds a client should wait before it tries again",
     'batch_size':    "records predicted together in one call of the model",
     'batch_wait_ms': "milliseconds a batch waits to fill up",
     'max_records':   "records one prediction request may hold",

@@ -108,6 +108,7 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'serve_replicas': ('1', _int_at_least(1), "replicas of each endpoint, an integer >= 1"),
     'max_ongoing_requests': ('64', _int_at_least(1), "requests one replica works on at once, an integer >= 1"),
     'max_queued_requests': ('256', _int_at_least(0), "requests waiting for a replica before new ones get 503, an integer >= 0"),
+    'retry_after_s': ('1', _int_at_least(0), "seconds a client refused with 503 is asked to wait (Retry-After), an integer >= 0"),
     'batch_size':    ('32', _int_at_least(1), "records predicted together (@serve.batch), an integer >= 1"),
     'batch_wait_ms': ('2', _int_at_least(0), "milliseconds a batch waits to fill, an integer >= 0"),
     'max_records':   ('1000', _int_at_least(1), "records one prediction request may hold, an integer >= 1"),
@@ -185,6 +186,7 @@ class Settings:
     serve_replicas: int
     max_ongoing_requests: int
     max_queued_requests: int
+    retry_after_s: int
     batch_size: int
     batch_wait_ms: int
     max_records: int

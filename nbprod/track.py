@@ -139,13 +139,17 @@ def log_model(model, name:str='model', X_example=None, registered_name:str|None=
     "Log a scikit-learn `model` to the current run with signature and input example; optionally register it."
     import mlflow
     from mlflow.models import infer_signature
+    from nbprod.explain import background_sample
     client,rid = current_run()
     if signature is None and X_example is not None:
         signature = infer_signature(_head(X_example, 100), model.predict(_head(X_example, 100)))
     example = None if X_example is None else _head(X_example)
+    meta = {}
     if request_example is not None:   # raw records, before the serving preprocess function turns them into X
-        schema = infer_signature(_head(request_example, 100)).inputs.to_json()
-        kwargs['metadata'] = {**(kwargs.get('metadata') or {}), 'nbprod': {'request_schema': schema}}
+        meta['request_schema'] = infer_signature(_head(request_example, 100)).inputs.to_json()
+    if X_example is not None and (bg := background_sample(X_example)) is not None:
+        meta['background'] = bg       # what the endpoint's explanations are measured against
+    if meta: kwargs['metadata'] = {**(kwargs.get('metadata') or {}), 'nbprod': meta}
     if not infer_requirements and 'pip_requirements' not in kwargs and 'extra_pip_requirements' not in kwargs:
         kwargs['pip_requirements'] = _default_requirements(kwargs)
     info = mlflow.sklearn.log_model(model, name=name, signature=signature, input_example=example,

@@ -1,5 +1,5 @@
 """Fixtures for cross-process tests: throw-away nbprod projects, notebooks, and the `nbprod` CLI in a subprocess."""
-import os, subprocess, sys
+import json, os, socket, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 
 import nbformat
@@ -80,3 +80,36 @@ def pid_alive(pid: int) -> bool:
     # a zombie still answers kill(0); read its state
     try: return Path(f'/proc/{pid}/stat').read_text().split(')')[-1].split()[0] != 'Z'
     except OSError: return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def call(url, body=None, key=None, method=None, headers=None, timeout=30):
+    "(status, JSON body, headers) of one HTTP request; `body` is JSON-encoded unless it is bytes."
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ('POST' if data is not None else 'GET'),
+                                 headers={'Content-Type': 'application/json', **({'Authorization': f'Bearer {key}'} if key else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r: return r.status, _json(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e: return e.code, _json(e.read()), dict(e.headers)
+
+
+def _json(raw: bytes):
+    try: return json.loads(raw)
+    except ValueError: return raw.decode(errors='replace')   # Ray Serve's own answers (before the app is up, backpressure) are text
+
+
+def wait_ready(proc, url, seconds=180):
+    "Wait until `nbprod serve` (process `proc`) answers /readyz at `url`."
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if call(f'{url}/readyz')[0] == 200: return
+        except (urllib.error.URLError, ConnectionError, OSError): pass
+        assert time.time() < deadline, "the endpoint did not become ready"
+        time.sleep(1)

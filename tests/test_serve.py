@@ -1,31 +1,10 @@
 """`nbprod serve` over real HTTP on 127.0.0.1: a registered model behind Ray Serve, with keys, validation and the audit log."""
-import json, os, shutil, signal, socket, time, urllib.error, urllib.request, warnings
+import json, os, shutil, signal, time, warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import Project
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def call(url, body=None, key=None, method=None, headers=None):
-    "(status, JSON body, headers) of one request."
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method or ('POST' if data is not None else 'GET'),
-                                 headers={'Content-Type': 'application/json', **({'Authorization': f'Bearer {key}'} if key else {}), **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r: return r.status, _json(r.read()), dict(r.headers)
-    except urllib.error.HTTPError as e: return e.code, _json(e.read()), dict(e.headers)
-
-
-def _json(raw: bytes):
-    try: return json.loads(raw)
-    except ValueError: return raw.decode(errors='replace')   # Ray Serve's own answers before the app is up are text
+from conftest import Project, call, free_port, wait_ready
 
 
 @pytest.fixture(scope='module')
@@ -55,14 +34,7 @@ def served(tmp_path_factory):
     proc = p.popen('serve')
     url = f'http://127.0.0.1:{port}'
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if call(f'{url}/readyz')[0] == 200: break
-            except (urllib.error.URLError, ConnectionError, OSError): pass
-            assert time.time() < deadline, "the endpoint did not become ready"
-            time.sleep(1)
+        wait_ready(proc, url)
         listening = [l.split() for l in Path('/proc/net/tcp').read_text().splitlines()[1:]]
         mine = [l[1] for l in listening if l[3] == '0A' and int(l[1].split(':')[1], 16) == port]
         assert mine and all(a.startswith('0100007F:') for a in mine), mine    # 127.0.0.1 only
@@ -82,6 +54,20 @@ def test_predict_one_and_many_with_request_id(served):
     assert abs(body['prediction'] - 58.0) < 1e-6 and headers['x-model-version'] == '1'
     status, body, _ = call(f'{url}/v1/models/bikeshare/predict', [{'temp': 0.5, 'hr': 8}] * 3, key)
     assert status == 200 and len(body['predictions']) == 3
+
+
+def test_explain_gives_contributions_that_add_up(served):
+    "v1 is 100*temp + hr, explained exactly against its MLflow input example (temp 0.1 and 0.5, hr 1 and 8)."
+    p, url, key, *_ = served
+    status, body, headers = call(f'{url}/v1/models/bikeshare/explain', {'temp': 0.5, 'hr': 8}, key, headers={'X-Request-ID': 'why-1'})
+    assert status == 200 and (body['request_id'], body['version'], body['method'], body['exact']) == ('why-1', '1', 'linear', True), body
+    e = body['explanation']
+    assert abs(e['contributions']['temp'] - 100 * (0.5 - 0.3)) < 1e-6 and abs(e['contributions']['hr'] - (8 - 4.5)) < 1e-6, e
+    assert abs(e['base_value'] + sum(e['contributions'].values()) - e['prediction']) < 1e-6 and abs(e['prediction'] - 58) < 1e-6
+    assert headers['x-model-version'] == '1'
+    status, body, _ = call(f'{url}/v1/models/bikeshare/explain', [{'temp': 0.5, 'hr': 8}, {'temp': 0.1}], key)
+    assert status == 422 and body['errors'][0]['field'] == 'hr', body
+    assert call(f'{url}/v1/models/bikeshare/explain', {'temp': 0.5, 'hr': 8})[0] == 401
 
 
 @pytest.mark.parametrize('body, key, status, text', [
@@ -173,7 +159,7 @@ def test_answered_predictions_are_in_the_audit_log(served):
 
 
 def test_fuzz_1000_bad_requests_no_5xx(served):
-    "Generated bad bodies and headers (hypothesis): every answer is 4xx, none 5xx, and the server still answers."
+    "Generated bad bodies and headers (hypothesis), to /predict and /explain: every answer is 4xx, none 5xx, and the server still answers."
     from hypothesis import HealthCheck, given, settings, strategies as st
     p, url, key, *_ = served
     scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.text(max_size=20),
@@ -186,9 +172,9 @@ def test_fuzz_1000_bad_requests_no_5xx(served):
     seen = []
 
     @settings(max_examples=1000, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(body=bodies, k=keys)
-    def one(body, k):
-        status, answer, _ = call(f'{url}/v1/models/bikeshare/predict', body, key if k == 'KEY' else (f'{key} {key}' if k == 'KEY KEY' else k))
+    @given(body=bodies, k=keys, route=st.sampled_from(['predict', 'predict', 'explain']))
+    def one(body, k, route):
+        status, answer, _ = call(f'{url}/v1/models/bikeshare/{route}', body, key if k == 'KEY' else (f'{key} {key}' if k == 'KEY KEY' else k))
         seen.append(status)
         assert status < 500, (status, body[:200], answer)
         if status >= 400: assert isinstance(answer, dict) and answer.get('error'), answer
@@ -213,3 +199,4 @@ def test_generated_app_and_serve_build(served):
     [app] = yaml.safe_load((p.root/'serve_config.yaml').read_text())['applications']
     assert app['import_path'] == 'apps.serve:app' and app['runtime_env']['env_vars']['NBPROD_PROFILE'] == 'DEFAULT'
     assert app['deployments'][0]['max_queued_requests'] == 256
+    assert app['deployments'][0]['backpressure_config'] == {'status_code': 503, 'retry_after_s': 1.0}   # overload: 503 + Retry-After

@@ -1,5 +1,5 @@
 """Serve the bike-share champion with `nbprod serve`, send it a few real July 2011 hours with an API key, print the answers
-next to what really happened, print the curl line to try it yourself, and stop the endpoint. Run from examples/bikeshare
+next to what really happened and why the model said what it said about the first, print the curl line to try it yourself, and stop the endpoint. Run from examples/bikeshare
 after `nbprod run train` (the last step of `make demo`):
 
     python scripts/try_endpoint.py [--records 3]
@@ -46,6 +46,12 @@ def main():
         print(f"\nbikeshare version {answer['version']} ({answer['variant']}), request {answer['request_id']}:")
         for r, pred, actual in zip(records, answer['predictions'], july[TARGET]):
             print(f"  July, {r['hr']:>2}h, {r['weathersit']:<14} temp {r['temp']:.2f}: predicted {pred:6.1f} bikes, actual {actual}")
+        why = post(f'{url}/v1/models/bikeshare/explain', records[0], key)
+        e = why['explanation']
+        top = sorted(e['contributions'].items(), key=lambda kv: -abs(kv[1]))[:4]
+        print(f"\nwhy {e['prediction']:.1f} bikes at {records[0]['hr']}h ({why['method']} SHAP, {'exact' if why['exact'] else 'sampled'}, "
+              f"version {why['version']}): on average {e['base_value']:.1f}, then")
+        for feature, c in top: print(f"  {feature:<10} {c:+7.1f}")
         body = json.dumps(records[0])
         print(f"\ntry it yourself: `nbprod serve` here, then, in another terminal:\n  export KEY={key}\n"
               f"  curl -s -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' \\\n"

@@ -69,10 +69,11 @@ def test_champion_served_with_raw_july_records(copy):
     assert len(lines) == 3 and 'bikeshare version 1 (champion)' in r.stdout, r.stdout
     preds = [float(l.split('predicted')[1].split()[0]) for l in lines]
     assert all(0 <= p < 1500 for p in preds), preds
+    assert 'tree SHAP, exact, version 1' in r.stdout and 'hr_' in r.stdout.split('why ')[1], r.stdout   # the explanation, by feature
     assert f'http://127.0.0.1:{port}/v1/models/bikeshare/predict' in r.stdout and 'Authorization: Bearer $KEY' in r.stdout
     from nbprod.audit import read_audit
     audited = read_audit(copy/'.nbprod'/'audit', 'bikeshare')
-    assert len(audited) == 3 and audited.key.eq('demo').all()
+    assert len(audited) == 4 and audited.key.eq('demo').all() and audited.explanation.notna().sum() == 1
 
 
 def _free_port():

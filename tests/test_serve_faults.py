@@ -1,0 +1,126 @@
+"""`nbprod serve` under stress, over real HTTP on 127.0.0.1: overload is refused at once with 503 and Retry-After, and a
+replica killed with SIGKILL under load loses none of the predictions it answered from the audit log."""
+import signal, sys, threading, time, warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import Project, call, free_port, wait_ready
+
+
+class Sleepy:
+    "A model whose latency the request sets: it sleeps `wait` seconds (the batch's longest), then predicts 100*temp."
+    def predict(self, X):
+        time.sleep(float(X['wait'].max()))
+        return np.asarray(X['temp'], dtype='float64') * 100
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+    "Two replicas that take 4 requests each, 4 more may wait; the model is `Sleepy`."
+    import cloudpickle, mlflow
+    import pandas as pd
+    from nbprod.auth import create_key
+    from nbprod.serving import _mlflow
+    from nbprod.store import experiment_id
+    p = Project(tmp_path_factory.mktemp('faults'))
+    (p.root/'pyproject.toml').write_text('[project]\nname = "faults"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.sleepy]\n')
+    port = free_port()
+    (p.root/'settings.ini').write_text(f'[DEFAULT]\nserve_port = {port}\nserve_replicas = 2\nmax_ongoing_requests = 4\n'
+                                       'max_queued_requests = 4\nretry_after_s = 3\n')
+    s = p.settings()
+    client = _mlflow(s)
+    X = pd.DataFrame({'temp': [0.1, 0.5], 'wait': [0.0, 0.0]})
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the replicas cannot import this test module
+    try:
+        with mlflow.start_run(experiment_id=experiment_id(s)), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            mlflow.sklearn.log_model(Sleepy(), name='model', input_example=X, registered_model_name='sleepy', serialization_format='cloudpickle')
+    finally: cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    client.set_registered_model_alias('sleepy', 'champion', '1')
+    _, key = create_key(s, 'tests', ['sleepy'])
+    proc = p.popen('serve')
+    url = f'http://127.0.0.1:{port}'
+    try:
+        wait_ready(proc, url)
+        yield p, f'{url}/v1/models/sleepy/predict', key, proc
+    finally:
+        if proc.poll() is None: proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+
+def _burst(url, key, n, wait, rid=''):
+    "n requests at once; [(status, seconds, headers, request id)]."
+    got = [None] * n
+    def one(i):
+        t0 = time.perf_counter()
+        status, body, headers = call(url, {'temp': 0.5, 'wait': wait}, key, headers={'X-Request-ID': f'{rid}{i}'} if rid else None)
+        got[i] = (status, time.perf_counter() - t0, {k.lower(): v for k, v in headers.items()}, f'{rid}{i}')
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads: t.start()
+    for t in threads: t.join(timeout=60)
+    return got
+
+
+def test_overload_is_503_with_retry_after_not_a_timeout(served):
+    "40 requests of 1.5 s at once against room for 8 (+4 waiting): the rest are refused at once, the server goes on."
+    p, url, key, proc = served
+    assert call(url, {'temp': 0.5, 'wait': 0.0}, key)[0] == 200
+    got = _burst(url, key, 40, 1.5)
+    codes = Counter(s for s, *_ in got)
+    assert set(codes) == {200, 503} and 8 <= codes[200] <= 20 and codes[503] >= 20, codes
+    refused = [(t, h) for s, t, h, _ in got if s == 503]
+    assert all(h.get('retry-after') == '3' for _, h in refused), refused[:3]
+    assert max(t for t, _ in refused) < 1.5, sorted(t for t, _ in refused)[-3:]   # refused, not left to time out
+    status, body, _ = call(url, {'temp': 0.5, 'wait': 0.0}, key)
+    assert status == 200 and abs(body['prediction'] - 50) < 1e-9
+
+
+def _replica_pids(proc):
+    import psutil
+    found = {}
+    for c in psutil.Process(proc.pid).children(recursive=True):   # only processes this test started
+        try: cmd = ' '.join(c.cmdline())
+        except psutil.Error: continue
+        if 'ServeReplica' in cmd and 'nbprod' in cmd: found[c.pid] = c
+    return found
+
+
+def test_sigkill_a_replica_under_load_loses_no_answered_prediction(served):
+    "8 clients for 8 s; a replica is killed with SIGKILL after 3 s. Every request answered 200 is in the audit log."
+    import psutil
+    from nbprod.audit import read_audit
+    p, url, key, proc = served
+    replicas = _replica_pids(proc)
+    assert len(replicas) == 2, replicas
+    victim = sorted(replicas)[0]
+    answers, stop = [], threading.Event()
+    def load(c):
+        i = 0
+        while not stop.is_set():
+            rid = f'kill-{c}-{i}'
+            try: status = call(url, {'temp': 0.5, 'wait': 0.002}, key, headers={'X-Request-ID': rid}, timeout=20)[0]
+            except OSError as e: status = type(e).__name__   # a connection cut by the kill: not answered
+            answers.append((rid, status))
+            i += 1
+    threads = [threading.Thread(target=load, args=(c,)) for c in range(8)]
+    for t in threads: t.start()
+    try:
+        time.sleep(3)
+        before = sum(s == 200 for _, s in answers)
+        replicas[victim].send_signal(signal.SIGKILL)
+        time.sleep(5)
+    finally:
+        stop.set()
+        for t in threads: t.join(timeout=30)
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    answered = {rid for rid, s in answers if s == 200}
+    assert before > 50 and len(answered) > before + 50, (before, len(answered), Counter(s for _, s in answers))   # served on after the kill
+    audit = read_audit(p.settings().store/'audit', 'sleepy')
+    missing = answered - set(audit.request_id)
+    assert not missing, f"{len(missing)} answered predictions are not in the audit log, e.g. {sorted(missing)[:5]}"
+    files = list((p.settings().store/'audit'/'sleepy').rglob(f'*-{victim}.jsonl'))
+    assert files and files[0].stat().st_size > 0, "the killed replica had answered nothing: the test proved nothing"
+    wait_ready(proc, url.rsplit('/v1/', 1)[0], seconds=120)
