@@ -26,8 +26,8 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP) sysdeps  ## create .venv and install the locked dependencies
 
-# Debian packages nbprod uses when present: haproxy (Ray Serve's fast HTTP path; without it, Serve's own proxy)
-DEBS := haproxy
+# Debian packages nbprod uses when present: haproxy (Ray Serve's fast HTTP path; without it, Serve's own proxy), wrk (benchmarks/serve.py)
+DEBS := haproxy wrk
 sysdeps:  ## install the Debian packages above when missing (needs root and apt; otherwise says what is missing)
 	@missing=$$(for p in $(DEBS); do command -v $$p >/dev/null || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

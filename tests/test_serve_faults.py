@@ -10,8 +10,9 @@ from conftest import Project, call, free_port, wait_ready
 
 
 class Sleepy:
-    "A model whose latency the request sets: it sleeps `wait` seconds (the batch's longest), then predicts 100*temp."
+    "A model whose latency the request sets: it sleeps `wait` seconds (the batch's longest), then predicts 100*temp; a negative temp breaks it."
     def predict(self, X):
+        if (X['temp'] < 0).any(): raise ValueError("negative temperature")
         time.sleep(float(X['wait'].max()))
         return np.asarray(X['temp'], dtype='float64') * 100
 
@@ -124,3 +125,18 @@ def test_sigkill_a_replica_under_load_loses_no_answered_prediction(served):
     files = list((p.settings().store/'audit'/'sleepy').rglob(f'*-{victim}.jsonl'))
     assert files and files[0].stat().st_size > 0, "the killed replica had answered nothing: the test proved nothing"
     wait_ready(proc, url.rsplit('/v1/', 1)[0], seconds=120)
+
+
+def test_a_request_that_breaks_the_model_fails_alone(served):
+    "8 requests at once, batched together (4 per replica); 2 break the model: those 2 get a 500 with their request id, the other 6 their prediction."
+    p, url, key, proc = served
+    got = [None] * 8
+    def one(i):
+        status, body, _ = call(url, {'temp': -1.0 if i % 4 == 0 else 0.5, 'wait': 0.2}, key, headers={'X-Request-ID': f'mixed-{i}'})
+        got[i] = (status, body)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join(timeout=60)
+    for i, (status, body) in enumerate(got):
+        if i % 4 == 0: assert status == 500 and body == {'request_id': f'mixed-{i}', 'error': 'internal error: ValueError'}, (i, status, body)
+        else: assert status == 200 and abs(body['prediction'] - 50) < 1e-9, (i, status, body)
