@@ -1,19 +1,23 @@
 """How fast is an nbprod endpoint, next to the plain servers it is built from?
 
-One model (a HistGradientBoostingRegressor, the bike-share model's kind, fitted on six columns of the example's
-data), served four ways on 127.0.0.1, each loaded with wrk (Debian's; `make sysdeps` installs it) at concurrency 1,
-16 and 64, one record per request:
+One model, fitted once on six columns of the bike-share data (Ridge by default: its predict is cheap, so the servers'
+own costs show; `--model hgb` for a HistGradientBoostingRegressor, the bike-share model's kind), served four ways on
+127.0.0.1, each loaded with wrk (Debian's; `make sysdeps` installs it) at concurrency 1, 16 and 64, one record per
+request:
 
-  (a)  nbprod     `nbprod serve` of the registered model: API key, validation, audit log (fsync before each
-                  answer), batching, on the HTTP proxy nbprod picks (HAProxy when installed)
-  (b)  serve      a minimal hand-written Ray Serve deployment, Serve's default proxy
+  (a)  nbprod     `nbprod serve` of the registered model: API key, validation, audit log (fsync before each answer),
+                  batching, on the HTTP proxy nbprod picks (HAProxy when installed); settings.ini defaults
+  (b)  serve      a minimal hand-written Ray Serve deployment (numpy in, no checks, max_ongoing_requests=64 like
+                  nbprod's), Serve's default proxy
   (b') serve-ha   the same deployment on Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1,
                   RAY_SERVE_THROUGHPUT_OPTIMIZED=1)
   (c)  fastapi    the same handler in plain FastAPI on one uvicorn worker
 
-Writes benchmarks/results/serve.json. Run from the repository root:
+Also: the CPU each setup's processes spent per request, and the cost of nbprod's own steps measured in this process.
+Writes benchmarks/results/serve.json (serve-hgb.json with --model hgb). Run from the repository root:
 
-    .venv/bin/python benchmarks/serve.py [--duration 10] [--concurrency 1,16,64] [--only nbprod,serve,serve-ha,fastapi]
+    .venv/bin/python benchmarks/serve.py [--duration 10] [--concurrency 1,16,64] [--model ridge|hgb]
+                                         [--only nbprod,serve,serve-ha,fastapi] [--set KEY=VALUE]
 """
 import argparse, datetime, json, os, pickle, platform, re, shutil, signal, socket, subprocess, sys, tempfile, time
 import urllib.error, urllib.request
@@ -168,8 +172,70 @@ def run_setup(name, tmp, key, proj, levels, seconds, settings=()):
         script = tmp/'post.lua'
         script.write_text(LUA.format(body=json.dumps(RECORD), key=key))
         wrk(url, script, 16, 3)                                   # warm up
-        return first, {str(c): wrk(url, script, c, seconds) for c in levels}
+        out = {}
+        for c in levels:
+            before = cpu_by_process(proc)
+            out[str(c)] = r = wrk(url, script, c, seconds)
+            after = cpu_by_process(proc)
+            used = {}
+            for pid, (role, t) in after.items():
+                if pid in before: used[role] = used.get(role, 0) + t - before[pid][1]
+            r['cpu_us_per_request'] = {role: round(t / max(r['requests'], 1) * 1e6, 1) for role, t in sorted(used.items())}
+        return first, out
     finally: stop(proc)
+
+
+def cpu_by_process(proc):
+    "{pid: (role, CPU seconds)} of the server and every process it started (Ray's included)."
+    import psutil
+    root = psutil.Process(proc.pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try: cmd, t = ' '.join(p.cmdline()), p.cpu_times()
+        except psutil.Error: continue
+        role = ('replica' if 'ServeReplica' in cmd else 'haproxy' if 'bin/haproxy' in cmd else 'serve proxy' if 'ProxyActor' in cmd
+                else 'server' if p.pid == proc.pid else 'other ray processes')
+        out[p.pid] = (role, t.user + t.system)
+    return out
+
+
+def own_cost(proj, key, n=2000):
+    "Microseconds per request of nbprod's own code, in this process: the app's lean path end to end (ASGI in, JSON out, audit"
+    "fsync included, the model called directly, no batching), and its parts."
+    import asyncio, timeit
+    from nbprod.api import build_app, run_model
+    from nbprod.serving import ModelServer
+    from nbprod.settings import load_settings
+    async def direct(model, variant, rows): return run_model(model, variant, rows)
+    server = ModelServer(load_settings(proj, env={}), predict=direct, replica='bench')
+    app, endpoint = build_app(server.endpoint), server.endpoint
+    model = endpoint.models['bench']
+    body = json.dumps(RECORD).encode()
+    headers = [(b'content-type', b'application/json'), (b'authorization', f'Bearer {key}'.encode()), (b'content-length', str(len(body)).encode())]
+    scope = {'type': 'http', 'method': 'POST', 'path': '/v1/models/bench/predict', 'headers': headers, 'root_path': '', 'query_string': b''}
+    async def receive(): return {'type': 'http.request', 'body': body, 'more_body': False}
+    async def send(msg): pass
+    async def many():
+        for _ in range(n): await app(scope, receive, send)
+    t0 = time.perf_counter()
+    asyncio.run(many())
+    whole = (time.perf_counter() - t0) / n * 1e6
+    rows = model.validator.parse_records(body)[0]
+    variant = model.variants[0]
+    audit = endpoint.audit['bench']
+    records = endpoint._records(model, variant, rows, [1.0], 'r', None, None, time.perf_counter())
+    each = lambda f, k=n: min(timeit.repeat(f, number=k, repeat=3)) / k * 1e6
+    parts = {'API key check': each(lambda: endpoint.keys.check(f'Bearer {key}', 'bench')),
+             'validation (pydantic) of the body': each(lambda: model.validator.parse_records(body)),
+             'DataFrame of 1 record': each(lambda: model.validator.frame(rows)),
+             'DataFrame of 32 records, per record': each(lambda: model.validator.frame(rows * 32), n // 10) / 32,
+             'model.predict of 1 record (DataFrame in)': each(lambda: run_model(model, variant, rows)),
+             'model.predict of 32 records, per record': each(lambda: run_model(model, variant, rows * 32), n // 10) / 32,
+             'audit record encoded': each(lambda: audit.encode(records[0])),
+             'audit write + fsync (once per group of requests)': each(lambda: audit.write_sync(records), 200),
+             'JSON answer': each(lambda: json.dumps({'request_id': 'r', 'model': 'bench', 'version': '1', 'variant': 'champion', 'prediction': 1.0}))}
+    audit.close()
+    return {'whole lean path, sequential, unbatched': round(whole, 1), **{k: round(v, 1) for k, v in parts.items()}}
 
 
 def main():
@@ -177,13 +243,14 @@ def main():
     ap.add_argument('--duration', type=int, default=10, help="seconds of load per concurrency level")
     ap.add_argument('--concurrency', default='1,16,64')
     ap.add_argument('--only', default=','.join(SETUPS), help="setups to run, comma-separated")
-    ap.add_argument('--model', choices=['hgb', 'ridge'], default='hgb',
-                    help="hgb: HistGradientBoostingRegressor(max_iter=100), ~1.4 ms a predict call; ridge: Ridge, ~0.2 ms")
+    ap.add_argument('--model', choices=['ridge', 'hgb'], default='ridge',
+                    help="ridge: Ridge, the cheapest predict, so the servers' own costs show; hgb: HistGradientBoostingRegressor(max_iter=100), "
+                         "the bike-share model's kind, ~1 ms a predict call")
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                     help="a setting of the nbprod endpoint (settings.ini key), e.g. --set batch_wait_ms=0; repeatable")
-    ap.add_argument('--out', type=Path, default=None, help="default: benchmarks/results/serve.json (serve-ridge.json for --model ridge)")
+    ap.add_argument('--out', type=Path, default=None, help="default: benchmarks/results/serve.json (serve-hgb.json for --model hgb)")
     args = ap.parse_args()
-    args.out = args.out or (RESULTS if args.model == 'hgb' else RESULTS.with_name('serve-ridge.json'))
+    args.out = args.out or (RESULTS if args.model == 'ridge' else RESULTS.with_name('serve-hgb.json'))
     if not shutil.which('wrk'): sys.exit("wrk is not installed: `make sysdeps` installs Debian's wrk")
     from rich.console import Console
     from rich.table import Table
@@ -202,6 +269,7 @@ def main():
             got = first.get('prediction')
             assert abs(got - expected) < 1e-6, (name, got, expected)   # the same model answers the same
             console.print(f"{SETUPS[name]}: " + ', '.join(f"c={c} {r['rps']:,.0f}/s p99 {r['p99_ms']:.1f} ms" for c, r in results[name].items()))
+        breakdown = own_cost(proj, key) if 'nbprod' in setups else None
         from nbprod.audit import read_audit
         audited = len(read_audit(proj/'.nbprod'/'audit', 'bench')) if 'nbprod' in setups else None
     ratios = {}
@@ -224,13 +292,17 @@ def main():
     console.print(table)
     for c, rs in ratios.items(): console.print(f"c={c}: " + ', '.join(f"{k} {v:.2f}x" for k, v in rs.items()))
     for k, ok in checks.items(): console.print(f"{'✓' if ok else '✗'} {k}")
+    for name in setups:
+        r = results[name][str(levels[-1])]
+        console.print(f"CPU per request at c={levels[-1]}, {name}: " + ', '.join(f"{k} {v:.0f} µs" for k, v in r['cpu_us_per_request'].items()))
+    if breakdown: console.print("nbprod's own code, µs per request: " + ', '.join(f"{k} {v:.0f}" for k, v in breakdown.items()))
     out = {'benchmark': 'serve', 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
            'command': ' '.join(['.venv/bin/python', 'benchmarks/serve.py', *sys.argv[1:]]), 'cpus': os.cpu_count(),
            'platform': platform.platform(), 'python': platform.python_version(),
            'versions': {p: version(p) for p in ('nbprod', 'ray', 'fastapi', 'uvicorn', 'scikit-learn', 'mlflow')},
            'haproxy': shutil.which('haproxy') is not None, 'model': f"{type(model).__name__} on {', '.join(COLUMNS)}",
            'record': RECORD, 'duration_s': args.duration, 'nbprod_settings': dict(kv.split('=', 1) for kv in args.set), 'setups': {k: SETUPS[k] for k in setups}, 'results': results,
-           'ratios': ratios, 'targets': TARGETS, 'checks': checks, 'nbprod_audited_records': audited}
+           'ratios': ratios, 'nbprod_own_cost_us': breakdown, 'targets': TARGETS, 'checks': checks, 'nbprod_audited_records': audited}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + '\n')
     console.print(f"written {args.out}")

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #132c9143
+# %% ../nbs/19_api.ipynb #d408415f
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, json, logging, random, re, time, uuid
 import numpy as np
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #047d34be
+# %% ../nbs/19_api.ipynb #8c75b386
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -59,7 +59,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #603664e3
+# %% ../nbs/19_api.ipynb #db607e1b
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -155,7 +155,7 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #9cb46e76
+# %% ../nbs/19_api.ipynb #4bcbedc0
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     def __init__(self):
@@ -176,7 +176,55 @@ class Metrics:
         from prometheus_client import generate_latest
         return generate_latest(self.registry)
 
-# %% ../nbs/19_api.ipynb #0a878b65
+    def snapshot(self) -> dict:
+        "This process's counts, `{sample: value}` (JSON-friendly), to add up with other replicas'."
+        out = {}
+        for family in self.registry.collect():
+            for x in family.samples:
+                if not x.name.endswith('_created'): out[json.dumps([family.name, x.name, x.labels], sort_keys=True)] = x.value
+        return out
+
+    _HELP = {'nbprod_requests': ('counter', "Prediction requests answered"),
+             'nbprod_request_errors': ('counter', "Prediction requests answered with an error (4xx or 5xx)"),
+             'nbprod_request_latency_seconds': ('histogram', "Time to answer a prediction request")}
+
+    @classmethod
+    def render(cls, snapshots:list[dict]) -> bytes:
+        "The Prometheus text of several replicas' snapshots added up."
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        total = {}
+        for snap in snapshots:
+            for k,v in snap.items(): total[k] = total.get(k, 0.0) + v
+        families = {}
+        for k,v in total.items():
+            family,sample,labels = json.loads(k)
+            families.setdefault(family, []).append((sample, labels, v))
+        out = []
+        for family,samples in sorted(families.items()):
+            kind,doc = cls._HELP.get(family, ('untyped', family))
+            names = sorted({n for _,labels,_ in samples for n in labels} - {'le'})
+            if kind == 'counter':
+                f = CounterMetricFamily(family, doc, labels=names)
+                for _,labels,v in sorted(samples, key=str): f.add_metric([labels[n] for n in names], v)
+            else:
+                f = HistogramMetricFamily(family, doc, labels=names)
+                series = {}
+                for sample,labels,v in samples:
+                    key = tuple(labels[n] for n in names)
+                    b = series.setdefault(key, {'buckets': {}, 'sum': 0.0})
+                    if sample.endswith('_bucket'): b['buckets'][labels['le']] = v
+                    elif sample.endswith('_sum'): b['sum'] = v
+                for key,b in sorted(series.items()):
+                    f.add_metric(list(key), sorted(b['buckets'].items(), key=lambda kv: float(kv[0])), b['sum'])
+            out.append(f)
+        from prometheus_client import CollectorRegistry, generate_latest
+        class _All:
+            def collect(self): return out
+        registry = CollectorRegistry()
+        registry.register(_All())
+        return generate_latest(registry)
+
+# %% ../nbs/19_api.ipynb #be6d9d7b
 _FAST_ROUTE = re.compile(r'^/v1/models/([^/]+)/(predict|explain)$')
 _JSON = 'application/json'
 
@@ -198,8 +246,8 @@ async def _read_body(receive, limit:int) -> bytes:
         chunks.append(chunk)
         if not msg.get('more_body'): return b''.join(chunks)
 
-def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[], bool]|None=None):
-    "The FastAPI app serving `endpoint`."
+def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[], bool]|None=None, gather=None):
+    "The FastAPI app serving `endpoint`; `await gather(snapshot)` returns every replica's metrics snapshots (default: this one's only)."
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -305,7 +353,9 @@ def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[],
         ok = bool(endpoint.models) and (ready is None or ready())
         return JSONResponse({'status': 'ready' if ok else 'not ready'}, status_code=200 if ok else 503)
 
-    @app.get('/metrics', summary="Prometheus metrics")
-    async def prom(): return Response(metrics.text(), media_type='text/plain; version=0.0.4')
+    @app.get('/metrics', summary="Prometheus metrics, all replicas added up")
+    async def prom():
+        text = metrics.text() if gather is None else Metrics.render(await gather(metrics.snapshot()))
+        return Response(text, media_type='text/plain; version=0.0.4')
 
     return app

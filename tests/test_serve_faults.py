@@ -52,6 +52,33 @@ def served(tmp_path_factory):
     assert proc.returncode == 0, err
 
 
+def test_metrics_add_up_across_replicas(served):
+    "Requests answered by both replicas: every scrape of /metrics, whichever replica answers it, counts them all."
+    from prometheus_client.parser import text_string_to_metric_families
+    p, url, key, proc = served
+    statuses = []
+    def five():
+        for _ in range(5): statuses.append(call(url, {'temp': 0.5, 'wait': 0.05}, key)[0])
+    deadline = time.time() + 60
+    while True:                           # bursts of 30 at once until both replicas have answered some (HAProxy adds the second within seconds)
+        threads = [threading.Thread(target=five) for _ in range(6)]
+        for t in threads: t.start()
+        for t in threads: t.join(timeout=60)
+        files = list((p.settings().store/'audit'/'sleepy').rglob('*.jsonl'))
+        if len(files) == 2: break
+        assert time.time() < deadline, files
+    answered = statuses.count(200)
+    assert answered >= len(statuses) // 2 and set(statuses) <= {200, 503}, statuses   # 503: over the limits, refused before nbprod
+    time.sleep(1.5)                       # each replica sends its counts every second
+    base = url.rsplit('/v1/', 1)[0]
+    for _ in range(6):
+        status, text, _ = call(f'{base}/metrics')
+        assert status == 200
+        counted = sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
+                      if x.name == 'nbprod_requests_total' and x.labels['code'] == '200')
+        assert counted == answered, (answered, text)
+
+
 def _burst(url, key, n, wait, rid=''):
     "n requests at once; [(status, seconds, headers, request id)]."
     got = [None] * n
@@ -71,7 +98,7 @@ def test_overload_is_503_with_retry_after_not_a_timeout(served):
     assert call(url, {'temp': 0.5, 'wait': 0.0}, key)[0] == 200
     got = _burst(url, key, 40, 1.5)
     codes = Counter(s for s, *_ in got)
-    assert set(codes) == {200, 503} and 8 <= codes[200] <= 20 and codes[503] >= 20, codes
+    assert set(codes) == {200, 503} and codes[200] >= 8 and codes[503] >= 5, codes   # room for 8 at once, 4 waiting (plus what HAProxy holds)
     refused = [(t, h) for s, t, h, _ in got if s == 503]
     assert all(h.get('retry-after') == '3' for _, h in refused), refused[:3]
     assert max(t for t, _ in refused) < 1.5, sorted(t for t, _ in refused)[-3:]   # refused, not left to time out
