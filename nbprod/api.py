@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #d408415f
+# %% ../nbs/19_api.ipynb #a102c749
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, json, logging, random, re, time, uuid
 import numpy as np
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #8c75b386
+# %% ../nbs/19_api.ipynb #6925a501
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -59,7 +59,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #db607e1b
+# %% ../nbs/19_api.ipynb #bb86ddc3
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -93,13 +93,17 @@ class Endpoint:
             raise RequestError(f"no model named {name!r}", status=404, hint=f"models served here: {', '.join(sorted(self.models)) or 'none'}")
         return self.models[name]
 
-    async def predict(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None) -> dict:
-        "Check, predict, audit; the answer's body."
-        t0 = time.perf_counter()
+    def _admit(self, name:str, body:bytes, authorization:str|None, client_id:str|None):
+        "`(model, key, records, many, variant)` of a request that may go on, else a `RequestError` (404, 401, 403, 4xx)."
         model = self.model(name)
         key = self.keys.check(authorization, name)
         rows,many = model.validator.parse_records(body)
-        variant = model.pick(client_id)
+        return model, key, rows, many, model.pick(client_id)
+
+    async def predict(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None) -> dict:
+        "Check, predict, audit; the answer's body."
+        t0 = time.perf_counter()
+        model,key,rows,many,variant = self._admit(name, body, authorization, client_id)
         outputs = await self._predict(model, variant, rows)
         if (audit := self._audit(model)) is not None:   # on disk before the answer leaves
             await audit.write(self._records(model, variant, rows, outputs, rid, client_id, key, t0))
@@ -113,10 +117,7 @@ class Endpoint:
     async def explain(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None) -> dict:
         "Check, predict and explain, audit (with the explanation); the answer's body."
         t0 = time.perf_counter()
-        model = self.model(name)
-        key = self.keys.check(authorization, name)
-        rows,many = model.validator.parse_records(body)
-        variant = model.pick(client_id)
+        model,key,rows,many,variant = self._admit(name, body, authorization, client_id)
         def work():
             explainer = variant.explainer_of()
             return explainer, explainer.explain(model_input(model, rows)[1]), run_model(model, variant, rows)
@@ -155,7 +156,7 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #4bcbedc0
+# %% ../nbs/19_api.ipynb #9c402527
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     def __init__(self):
@@ -224,7 +225,7 @@ class Metrics:
         registry.register(_All())
         return generate_latest(registry)
 
-# %% ../nbs/19_api.ipynb #be6d9d7b
+# %% ../nbs/19_api.ipynb #4c70a6ad
 _FAST_ROUTE = re.compile(r'^/v1/models/([^/]+)/(predict|explain)$')
 _JSON = 'application/json'
 

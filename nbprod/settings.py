@@ -67,6 +67,13 @@ def _host(v):
     if not re.match(r'^[A-Za-z0-9.:\-]+$', v): raise ValueError(v)
     return v
 
+def _replicas(v):
+    v = v.strip().lower()
+    if v == 'auto': return v
+    n = int(v)
+    if n < 1: raise ValueError(v)
+    return n
+
 def _port(v):
     n = int(v)
     if not 1 <= n <= 65535: raise ValueError(v)
@@ -105,7 +112,12 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'open_access':   ('false', _bool, "true or false (true: endpoints answer without an API key)"),
     'serve_host':    ('127.0.0.1', _host, "the address endpoints listen on: 127.0.0.1 (this machine only) or another host name or IP address"),
     'serve_port':    ('8000', _port, "the HTTP port of the endpoints, 1-65535"),
-    'serve_replicas': ('1', _int_at_least(1), "replicas of each endpoint, an integer >= 1"),
+    'serve_replicas': ('1', _replicas, "replicas of each endpoint: an integer >= 1, or auto (Ray Serve's autoscaling, min_replicas to max_replicas)"),
+    'min_replicas':  ('1', _int_at_least(0), "with serve_replicas = auto: the fewest replicas, an integer >= 0"),
+    'max_replicas':  ('4', _int_at_least(1), "with serve_replicas = auto: the most replicas, an integer >= min_replicas"),
+    'target_ongoing_requests': ('32', _int_at_least(1), "with serve_replicas = auto: requests per replica the autoscaler aims at, an integer >= 1"),
+    'upscale_delay_s': ('30', _int_at_least(0), "with serve_replicas = auto: seconds of high load before a replica is added, an integer >= 0"),
+    'downscale_delay_s': ('600', _int_at_least(0), "with serve_replicas = auto: seconds of low load before a replica is removed, an integer >= 0"),
     'max_ongoing_requests': ('64', _int_at_least(1), "requests one replica works on at once, an integer >= 1"),
     'max_queued_requests': ('256', _int_at_least(0), "requests waiting for a replica before new ones get 503, an integer >= 0"),
     'retry_after_s': ('1', _int_at_least(0), "seconds a client refused with 503 is asked to wait (Retry-After), an integer >= 0"),
@@ -183,7 +195,12 @@ class Settings:
     open_access: bool          # endpoints without API keys (an explicit choice; `nbprod serve` warns)
     serve_host: str
     serve_port: int
-    serve_replicas: int
+    serve_replicas: int|str    # an integer, or 'auto'
+    min_replicas: int
+    max_replicas: int
+    target_ongoing_requests: int
+    upscale_delay_s: int
+    downscale_delay_s: int
     max_ongoing_requests: int
     max_queued_requests: int
     retry_after_s: int
@@ -238,6 +255,9 @@ def load_settings(root:str|Path|None=None, profile:str|None=None, env:dict|None=
         envkey = f"NBPROD_{key.upper()}"
         if envkey in env: values[key] = _check(env[envkey], key, file=f"environment variable {envkey}", section=profile)
         else: values[key] = _check(section.get(key, default), key, file=path, section=profile)
+    if values['min_replicas'] > values['max_replicas']:
+        raise ConfigError(f"min_replicas ({values['min_replicas']}) is above max_replicas ({values['max_replicas']})", file=path,
+                          section=profile, key='min_replicas', hint="lower min_replicas or raise max_replicas")
     project = load_project(root)
     store = Path(values['store'])
     store = store if store.is_absolute() else root/store
