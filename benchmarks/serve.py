@@ -19,7 +19,7 @@ Writes benchmarks/results/serve.json (serve-hgb.json with --model hgb). Run from
     .venv/bin/python benchmarks/serve.py [--duration 10] [--concurrency 1,16,64] [--model ridge|hgb]
                                          [--only nbprod,serve,serve-ha,fastapi] [--set KEY=VALUE]
 """
-import argparse, datetime, json, os, pickle, platform, re, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, pickle, platform, re, shutil, signal, subprocess, sys, tempfile, time
 import urllib.error, urllib.request
 from importlib.metadata import version
 from pathlib import Path
@@ -75,9 +75,8 @@ wrk.headers["Authorization"] = "Bearer {key}"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    from nbprod.serving import free_port   # outside the port ranges Ray picks its own from
+    return free_port()
 
 
 def post(url, key):

@@ -1,5 +1,5 @@
 """Fixtures for cross-process tests: throw-away nbprod projects, notebooks, and the `nbprod` CLI in a subprocess."""
-import json, os, socket, subprocess, sys, time, urllib.error, urllib.request
+import http.client, json, os, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 
 import nbformat
@@ -83,9 +83,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    "A free port Ray will not take for itself while the test's server starts (see nbprod.serving.free_port)."
+    from nbprod.serving import free_port
+    return free_port()
 
 
 def call(url, body=None, key=None, method=None, headers=None, timeout=30):
@@ -110,6 +110,6 @@ def wait_ready(proc, url, seconds=180):
         assert proc.poll() is None, proc.communicate()
         try:
             if call(f'{url}/readyz')[0] == 200: return
-        except (urllib.error.URLError, ConnectionError, OSError): pass
+        except (urllib.error.URLError, http.client.HTTPException, OSError): pass
         assert time.time() < deadline, "the endpoint did not become ready"
         time.sleep(1)

@@ -17,7 +17,8 @@ def served(tmp_path_factory):
     from nbprod.serving import _mlflow
     from nbprod.store import experiment_id
     p = Project(tmp_path_factory.mktemp('serve'))
-    (p.root/'pyproject.toml').write_text('[project]\nname = "demo"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.bikeshare]\nchallenger = "challenger"\npii = ["client_id"]\n')
+    (p.root/'pyproject.toml').write_text('[project]\nname = "demo"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.bikeshare]\nchallenger = "challenger"\npii = ["client_id"]\n'
+                                         '\n[tool.nbprod.serve.models.bikeshare-shadow]\nregistered_model = "bikeshare"\nchallenger = "challenger"\nshadow = true\n')
     port = free_port()
     (p.root/'settings.ini').write_text(f'[DEFAULT]\nserve_port = {port}\nmax_records = 50\nregistry_poll_s = 1\n')
     s = p.settings()
@@ -29,7 +30,7 @@ def served(tmp_path_factory):
             mlflow.sklearn.log_model(LinearRegression().fit(X, k * (X.temp * 100 + X.hr)), name='model', input_example=X.head(2),
                                      registered_model_name='bikeshare', serialization_format='cloudpickle')
     client.set_registered_model_alias('bikeshare', 'champion', '1')
-    _, key = create_key(s, 'tests', ['bikeshare'])
+    _, key = create_key(s, 'tests', ['bikeshare', 'bikeshare-shadow'])
     _, other = create_key(s, 'other-team', ['taxi'])
     proc = p.popen('serve')
     url = f'http://127.0.0.1:{port}'
@@ -119,6 +120,29 @@ def test_ab_split_and_sticky_clients_over_http(served):
     set_traffic(p.settings(), 'bikeshare', 0.0)
     client.delete_registered_model_alias('bikeshare', 'challenger')
     _until(lambda: all(predict()['variant'] == 'champion' for _ in range(20)), proc)
+
+
+def test_shadow_sees_a_copy_and_is_only_audited(served):
+    "Model `bikeshare-shadow` (same registered model, shadow = true): the client gets v1's answer; v2's is in the audit log."
+    from nbprod.audit import read_audit
+    p, url, key, other, client, proc = served
+    client.set_registered_model_alias('bikeshare', 'challenger', '2')
+    try:
+        deadline, i = time.time() + 60, 0
+        while True:                      # until the replica has loaded the challenger as the shadow
+            rid, i = f'shadow-{i}', i + 1
+            status, body, _ = call(f'{url}/v1/models/bikeshare-shadow/predict', {'temp': 0.5, 'hr': 8}, key, headers={'X-Request-ID': rid})
+            assert status == 200 and (body['version'], body['variant']) == ('1', 'champion') and abs(body['prediction'] - 58) < 1e-6, body
+            time.sleep(0.3)
+            audit = read_audit(p.settings().store/'audit', 'bikeshare-shadow')
+            mine = audit[audit.request_id == rid]
+            if (mine.variant == 'shadow:challenger').any(): break
+            assert time.time() < deadline and proc.poll() is None, "the shadow never answered"
+        shadow = mine[mine.variant == 'shadow:challenger'].iloc[0]
+        assert shadow.version == '2' and abs(json.loads(shadow.outputs) - 116) < 1e-6          # v2 = 2 * (100 * temp + hr)
+        assert mine[mine.variant == 'champion'].version.tolist() == ['1']
+    finally:
+        client.delete_registered_model_alias('bikeshare', 'challenger')
 
 
 def test_promotion_under_load_drops_nothing(served):

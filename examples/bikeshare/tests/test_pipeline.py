@@ -77,7 +77,5 @@ def test_champion_served_with_raw_july_records(copy):
 
 
 def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    from nbprod.serving import free_port   # outside the ranges Ray takes its own ports from
+    return free_port()
