@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #a102c749
+# %% ../nbs/19_api.ipynb #ef2ce6dc
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, json, logging, random, re, time, uuid
 import numpy as np
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #6925a501
+# %% ../nbs/19_api.ipynb #ea5ec67b
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -59,7 +59,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #bb86ddc3
+# %% ../nbs/19_api.ipynb #0dd6819b
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -71,9 +71,9 @@ def model_input(model:ServedModel, rows:list[dict]):
     df = model.validator.frame(rows)
     return df, (model.preprocess(df) if model.preprocess else df)
 
-def run_model(model:ServedModel, variant:Variant, rows:list[dict]) -> list:
-    "The outputs of `variant` for checked records: one DataFrame, `preprocess`, one `predict`, `postprocess`."
-    df,X = model_input(model, rows)
+def run_model(model:ServedModel, variant:Variant, rows:list[dict], inputs:tuple|None=None) -> list:
+    "The outputs of `variant` for checked records: one DataFrame, `preprocess`, one `predict`, `postprocess` (`inputs`: `model_input`'s, when made already)."
+    df,X = inputs or model_input(model, rows)
     y = variant.model.predict(X)
     out = list(model.postprocess(df, y)) if model.postprocess is not None else np.asarray(y).tolist()
     if len(out) != len(rows): raise ValueError(f"{model.name} answered {len(out)} outputs for {len(rows)} records")
@@ -119,8 +119,8 @@ class Endpoint:
         t0 = time.perf_counter()
         model,key,rows,many,variant = self._admit(name, body, authorization, client_id)
         def work():
-            explainer = variant.explainer_of()
-            return explainer, explainer.explain(model_input(model, rows)[1]), run_model(model, variant, rows)
+            explainer,inputs = variant.explainer_of(),model_input(model, rows)
+            return explainer, explainer.explain(inputs[1]), run_model(model, variant, rows, inputs)
         explainer,found,outputs = await asyncio.to_thread(work)
         found = [{'prediction': o, **e} for o,e in zip(outputs, found)]
         if (audit := self._audit(model)) is not None:
@@ -156,16 +156,20 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #9c402527
+# %% ../nbs/19_api.ipynb #2cb6bb76
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
+    _FAMILIES = {'nbprod_requests': ('counter', "Prediction requests answered"),
+                 'nbprod_request_errors': ('counter', "Prediction requests answered with an error (4xx or 5xx)"),
+                 'nbprod_request_latency_seconds': ('histogram', "Time to answer a prediction request")}
+
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Histogram
         self.registry = CollectorRegistry()
-        labels = ['model', 'version', 'variant', 'route', 'code']
-        self.requests = Counter('nbprod_requests', "Prediction requests answered", labels, registry=self.registry)
-        self.errors = Counter('nbprod_request_errors', "Prediction requests answered with an error (4xx or 5xx)", labels, registry=self.registry)
-        self.latency = Histogram('nbprod_request_latency_seconds', "Time to answer a prediction request", ['model', 'version', 'variant', 'route'],
+        labels,doc = ['model', 'version', 'variant', 'route', 'code'],{k: d for k,(_,d) in self._FAMILIES.items()}
+        self.requests = Counter('nbprod_requests', doc['nbprod_requests'], labels, registry=self.registry)
+        self.errors = Counter('nbprod_request_errors', doc['nbprod_request_errors'], labels, registry=self.registry)
+        self.latency = Histogram('nbprod_request_latency_seconds', doc['nbprod_request_latency_seconds'], ['model', 'version', 'variant', 'route'],
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=self.registry)
 
     def observe(self, model:str, version:str, variant:str, code:int, seconds:float, route:str='predict'):
@@ -185,10 +189,6 @@ class Metrics:
                 if not x.name.endswith('_created'): out[json.dumps([family.name, x.name, x.labels], sort_keys=True)] = x.value
         return out
 
-    _HELP = {'nbprod_requests': ('counter', "Prediction requests answered"),
-             'nbprod_request_errors': ('counter', "Prediction requests answered with an error (4xx or 5xx)"),
-             'nbprod_request_latency_seconds': ('histogram', "Time to answer a prediction request")}
-
     @classmethod
     def render(cls, snapshots:list[dict]) -> bytes:
         "The Prometheus text of several replicas' snapshots added up."
@@ -202,7 +202,7 @@ class Metrics:
             families.setdefault(family, []).append((sample, labels, v))
         out = []
         for family,samples in sorted(families.items()):
-            kind,doc = cls._HELP.get(family, ('untyped', family))
+            kind,doc = cls._FAMILIES[family]
             names = sorted({n for _,labels,_ in samples for n in labels} - {'le'})
             if kind == 'counter':
                 f = CounterMetricFamily(family, doc, labels=names)
@@ -225,7 +225,7 @@ class Metrics:
         registry.register(_All())
         return generate_latest(registry)
 
-# %% ../nbs/19_api.ipynb #4c70a6ad
+# %% ../nbs/19_api.ipynb #2c07a3db
 _FAST_ROUTE = re.compile(r'^/v1/models/([^/]+)/(predict|explain)$')
 _JSON = 'application/json'
 
