@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #ef2ce6dc
+# %% ../nbs/19_api.ipynb #ee9f0a39
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, json, logging, random, re, time, uuid
 import numpy as np
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #ea5ec67b
+# %% ../nbs/19_api.ipynb #5f038330
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -59,7 +59,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #0dd6819b
+# %% ../nbs/19_api.ipynb #9c72287a
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -83,9 +83,11 @@ async def _predict_in_thread(model:ServedModel, variant:Variant, rows:list[dict]
     return await asyncio.to_thread(run_model, model, variant, rows)
 
 class Endpoint:
-    "What the API serves: models, keys, the audit log (one, or one per model name), and how to predict: `predict(model, variant, records)` returns the outputs (batched under Ray Serve)."
-    def __init__(self, models:dict[str, ServedModel], keys:KeyRing, audit=None, predict=_predict_in_thread, max_bytes:int=1_000_000):
+    "What the API serves: models, keys, the audit log (one, or one per model name), the traffic profilers (`{model name: WindowProfiler}`), and how to predict: `predict(model, variant, records)` returns the outputs (batched under Ray Serve)."
+    def __init__(self, models:dict[str, ServedModel], keys:KeyRing, audit=None, predict=_predict_in_thread, max_bytes:int=1_000_000,
+                 profiles:dict|None=None):
         self.models,self.keys,self.audit,self._predict,self.max_bytes = models,keys,audit,predict,max_bytes
+        self.profiles = profiles or {}
         self.shadow_tasks = set()
 
     def model(self, name:str) -> ServedModel:
@@ -107,6 +109,7 @@ class Endpoint:
         outputs = await self._predict(model, variant, rows)
         if (audit := self._audit(model)) is not None:   # on disk before the answer leaves
             await audit.write(self._records(model, variant, rows, outputs, rid, client_id, key, t0))
+        self._profile(model, variant, rows, outputs)
         if model.shadow is not None:
             task = asyncio.get_running_loop().create_task(self._shadow(model, rows, rid, client_id, key, t0))
             self.shadow_tasks.add(task)
@@ -125,6 +128,7 @@ class Endpoint:
         found = [{'prediction': o, **e} for o,e in zip(outputs, found)]
         if (audit := self._audit(model)) is not None:
             await audit.write(self._records(model, variant, rows, outputs, rid, client_id, key, t0, found))
+        self._profile(model, variant, rows, outputs)
         return {'request_id': rid, 'model': name, 'version': variant.version, 'variant': variant.alias,
                 'method': explainer.method, 'exact': explainer.exact,
                 'explanations' if many else 'explanation': found if many else found[0]}
@@ -136,7 +140,12 @@ class Endpoint:
             if (audit := self._audit(model)) is not None:
                 shadow = Variant(f"shadow:{model.shadow.alias}", model.shadow.version, None)
                 await audit.write(self._records(model, shadow, rows, outputs, rid, client_id, key, t0))
+            self._profile(model, model.shadow, rows, outputs)
         except Exception: log.exception("shadow prediction of %s failed (request %s)", model.name, rid)
+
+    def _profile(self, model, variant, rows, outputs):
+        "Note the answered records for the traffic profiles (the profiler works in its own thread)."
+        if (p := self.profiles.get(model.name)) is not None: p.add(variant.version, rows, outputs)
 
     def _audit(self, model):
         return self.audit.get(model.name) if isinstance(self.audit, dict) else self.audit
@@ -156,7 +165,7 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #2cb6bb76
+# %% ../nbs/19_api.ipynb #a68a0e8e
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     _FAMILIES = {'nbprod_requests': ('counter', "Prediction requests answered"),
@@ -225,7 +234,7 @@ class Metrics:
         registry.register(_All())
         return generate_latest(registry)
 
-# %% ../nbs/19_api.ipynb #2c07a3db
+# %% ../nbs/19_api.ipynb #51805031
 _FAST_ROUTE = re.compile(r'^/v1/models/([^/]+)/(predict|explain)$')
 _JSON = 'application/json'
 

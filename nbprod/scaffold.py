@@ -130,6 +130,8 @@ SETTING_HELP = {
     'max_records':   "records one prediction request may hold",
     'max_body_bytes': "bytes one request body may have",
     'registry_poll_s': "seconds between checks of the model registry for new aliases and traffic weights (no restart needed)",
+    'profile_window_s': "seconds of traffic in one profile window: drift is measured window by window",
+    'profile_flush_s': "seconds between writes of each replica's traffic profiles to the store (what a crash can lose from the profiles, never from the audit log)",
 }
 
 def settings_ini(name:str) -> str:

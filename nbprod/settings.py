@@ -126,6 +126,8 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'max_records':   ('1000', _int_at_least(1), "records one prediction request may hold, an integer >= 1"),
     'max_body_bytes': ('1000000', _int_at_least(1), "bytes a request body may have, an integer >= 1"),
     'registry_poll_s': ('5', _int_at_least(1), "seconds between checks of the registry for new aliases and traffic weights, an integer >= 1"),
+    'profile_window_s': ('3600', _int_at_least(1), "seconds of traffic in one profile window (windows start at multiples of it, UTC), an integer >= 1"),
+    'profile_flush_s': ('10', _int_at_least(1), "seconds between writes of a replica's traffic profiles to the store, an integer >= 1"),
 }
 
 # %% ../nbs/01_settings.ipynb #0e3e8507
@@ -209,6 +211,8 @@ class Settings:
     max_records: int
     max_body_bytes: int
     registry_poll_s: int
+    profile_window_s: int
+    profile_flush_s: int
     secrets: dict = field(default_factory=dict)  # parameter -> environment variable
     project: 'Project' = None  # what the project runs ([tool.nbprod])
 

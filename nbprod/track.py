@@ -9,8 +9,8 @@ from pathlib import Path
 from .errors import TrackingError
 
 # %% auto #0
-__all__ = ['current_run', 'end', 'log_metrics', 'log_metric', 'log_param', 'log_model', 'register_model', 'set_alias',
-           'get_model_version']
+__all__ = ['current_run', 'end', 'log_metrics', 'log_metric', 'log_param', 'log_reference', 'log_model', 'register_model',
+           'set_alias', 'get_model_version']
 
 # %% ../nbs/05_track.ipynb #e88881df
 _state = {}
@@ -134,9 +134,20 @@ def _default_requirements(kwargs):
     fmt = kwargs.get('serialization_format') or 'skops'
     return mlflow.sklearn.get_default_pip_requirements(include_cloudpickle=fmt == 'cloudpickle', include_skops=fmt == 'skops')
 
+def log_reference(data, name:str='model') -> str:
+    "Log the whylogs profile of `data` (training records and target) to the current run: what drift is measured against."
+    import tempfile
+    from nbprod.profiles import profile
+    client,rid = current_run()
+    with tempfile.TemporaryDirectory() as d:
+        path = profile(data).write(Path(d)/'reference.bin')
+        client.log_artifact(rid, str(path), f"nbprod/{name}")
+    client.set_tag(rid, 'nbprod.reference_profile', f"nbprod/{name}/reference.bin")
+    return f"nbprod/{name}/reference.bin"
+
 def log_model(model, name:str='model', X_example=None, registered_name:str|None=None, alias:str|None=None,
-              signature=None, infer_requirements:bool=False, request_example=None, **kwargs):
-    "Log a scikit-learn `model` to the current run with signature and input example; optionally register it."
+              signature=None, infer_requirements:bool=False, request_example=None, reference=None, **kwargs):
+    "Log a scikit-learn `model` to the current run with signature and input example, and the profile of its `reference` data; optionally register it."
     import mlflow
     from mlflow.models import infer_signature
     from nbprod.explain import background_sample
@@ -155,6 +166,7 @@ def log_model(model, name:str='model', X_example=None, registered_name:str|None=
     info = mlflow.sklearn.log_model(model, name=name, signature=signature, input_example=example,
                                     registered_model_name=registered_name, run_id=rid, **kwargs)
     client.set_tag(rid, 'nbprod.model_uri', info.model_uri)
+    if reference is not None: log_reference(reference, name)
     if registered_name and alias: set_alias(registered_name, alias, info.registered_model_version)
     return info
 
