@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass, json, os, socket, time
 from dataclasses import dataclass, field
 from pathlib import Path
+from .datachecks import data_checks, gate
 from .cache import KEY_TAG, PRODUCTS_TAG, cache_key, find_cached, hashes, package_hash, products_intact
 from .cluster import Job, JobState, Outcome, run_jobs
 from .errors import ConfigError, ParameterError, PipelineFailed, RunFailed, RunKilled
@@ -121,6 +122,7 @@ def run_pipeline(name:str|None=None, parameters:dict|None=None, *, root=None, pr
         reuse = _reusable(client, resumed, settings.root)
     if not name: raise ConfigError("which pipeline?", allowed=", ".join(settings.project.raw.get('pipelines', {})) or None)
     pipe = load_pipeline(settings.root, name, settings.project.raw.get('pipelines', {}), parameters)
+    data_checks(settings)   # a bad [tool.nbprod.checks] table is refused before any step runs
     shown = {k: ('***' if k in settings.secrets else v) for k,v in pipe.parameters.items()}
     kept = {k: v for k,v in pipe.parameters.items() if k not in settings.secrets}
     extra = {'nbprod.parameters': json.dumps(kept, default=str)[:5000], **({'nbprod.resumed_from': resume} if resume else {})}
@@ -174,6 +176,14 @@ def _run_steps(pipe:Pipeline, settings:Settings, client, rid:str, force:bool, re
             return Outcome('FAILED', oc.run_id, oc.metrics, oc.output_notebook, oc.html, oc.duration, message=msg,
                            hint=f"write the products where [tool.nbprod.pipelines.{pipe.name}.steps.{job.key}] says (relative to the project root)")
         client.set_tag(oc.run_id, PRODUCTS_TAG, json.dumps(made))
+        reports = gate(settings, step.products)   # the data checks of what it wrote: bad data stops here
+        if reports: client.log_dict(oc.run_id, [r.to_dict() for r in reports], 'nbprod/data_checks.json')
+        if failed := [r for r in reports if not r.passed]:
+            msg = "data checks failed: " + "; ".join(r.text() for r in failed)
+            client.set_tag(oc.run_id, 'nbprod.error', msg[:5000])
+            client.set_terminated(oc.run_id, 'FAILED')
+            return Outcome('FAILED', oc.run_id, oc.metrics, oc.output_notebook, oc.html, oc.duration, message=msg,
+                           hint="fix the data or the step that writes it (the report is the step run's nbprod/data_checks.json), then resume")
         return oc
     recorded = set()
     def update(states):

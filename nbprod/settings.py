@@ -142,7 +142,9 @@ class Project:
 PROJECT_KEYS = {'experiment': "a string: the MLflow experiment of this project's runs",
                 'secrets': "a table of parameter = \"ENV_VAR\" pairs",
                 'pipelines': "a table of pipelines, [tool.nbprod.pipelines.NAME] (checked by nbprod.pipelines)",
-                'serve': "the served models, [tool.nbprod.serve.models.NAME] (checked by nbprod.serving)"}
+                'serve': "the served models, [tool.nbprod.serve.models.NAME] (checked by nbprod.serving)",
+                'monitor': "how served models are monitored, [tool.nbprod.monitor.models.NAME] (checked by nbprod.monitor)",
+                'checks': "data checks, [tool.nbprod.checks.NAME] (checked by nbprod.datachecks)"}
 
 # %% ../nbs/01_settings.ipynb #265b9083
 def load_project(root:str|Path) -> Project:

@@ -225,6 +225,61 @@ def test_product_not_written_fails_the_step(pipes):
     assert children(pipes, parent.info.run_id)['c'].info.status == 'FAILED'
 
 
+GATED = '''
+[tool.nbprod.pipelines.gated]
+[tool.nbprod.pipelines.gated.steps.make]
+notebook = "nbs/table.ipynb"
+products = ["out/rows.csv"]
+[tool.nbprod.pipelines.gated.steps.use]
+notebook = "nbs/stamp.ipynb"
+inputs = ["out/rows.csv"]
+parameters = {name = "use"}
+
+[tool.nbprod.checks.rows]
+files = ["out/rows.csv"]
+required = ["value"]
+columns.value = {min = 0, max = 10, max_null_fraction = 0}
+'''
+
+
+def gated_project(root, pipelines=GATED) -> Project:
+    p = make_project(root, pipelines)
+    p.notebook('table', 'scale = 1', '''import os, pandas as pd
+os.makedirs("../out", exist_ok=True)
+pd.DataFrame({"value": [i * scale for i in range(5)]}).to_csv("../out/rows.csv", index=False)''')
+    return p
+
+
+def test_data_check_gate_stops_the_pipeline_with_a_report(tmp_path, ray_head):
+    p = gated_project(tmp_path/'gated')
+    p.address = ray_head[0]
+    r = cli(p, 'run', 'gated', '-p', 'scale=100')
+    out = (r.stdout + r.stderr).replace('\n', ' ')
+    assert r.returncode == 1, out
+    assert "data checks failed: check 'rows' on out/rows.csv (5 rows): 1 of 3 failed" in out, out
+    assert 'value: range (expected values in [0, 10]): min 0, max 400' in out, out
+    [parent] = pipeline_runs(p)
+    tags = parent.data.tags
+    assert (tags['nbprod.step.make.status'], tags['nbprod.step.use.status']) == ('FAILED', 'SKIPPED')
+    assert not (p.root/'stamps'/'use.start').exists()         # the step after the gate never ran
+    make = children(p, parent.info.run_id)['make']
+    assert make.info.status == 'FAILED'
+    [report] = json.loads(Path(p.client().download_artifacts(make.info.run_id, 'nbprod/data_checks.json', str(tmp_path))).read_text())
+    assert report['passed'] is False and report['rows'] == 5
+    assert [x['check'] for x in report['results'] if not x['passed']] == ['range']
+    assert (p.root/'out'/'rows.csv').exists()                # the data is kept, to look at
+    r = cli(p, 'run', 'gated', '-p', 'scale=2')                # good data passes the gate
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (p.root/'stamps'/'use.start').exists()
+
+
+def test_bad_data_check_is_refused_before_anything_runs(tmp_path):
+    p = gated_project(tmp_path/'badcheck', GATED.replace('min = 0, max = 10', 'min = 20, max = 10'))
+    r = p.cli('run', 'gated')
+    assert r.returncode == 2 and 'min 20 is above max 10' in r.stderr, r.stdout + r.stderr
+    assert 'tool.nbprod.checks.rows' in r.stderr and p.runs() == []
+
+
 @pytest.mark.parametrize('old, new, message', [
     ('products = ["out/a.txt"]\n', 'products = ["out/a.txt"]\nneeds = ["d"]\n', "has a cycle: "),
     ('needs = ["b", "c"]', 'needs = ["b", "zz"]', "needs an unknown step 'zz'"),
