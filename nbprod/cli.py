@@ -15,8 +15,9 @@ from . import __version__
 from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 
 # %% auto #0
-__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'main_options', 'run', 'sweep', 'runs', 'new', 'export',
-           'check', 'serve', 'apps', 'keys_create', 'keys_list', 'keys_revoke', 'main']
+__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'monitor_app', 'main_options', 'run', 'sweep', 'runs',
+           'new', 'export', 'check', 'serve', 'apps', 'keys_create', 'keys_list', 'keys_revoke', 'profile_cmd',
+           'monitor_drift', 'main']
 
 # %% ../nbs/10_cli.ipynb #572c1867
 EXAMPLES = """[bold]Examples[/bold]
@@ -49,6 +50,7 @@ def main_options(version: Annotated[Optional[bool], typer.Option('--version', ca
     import logging, os
     # nbprod reports runs itself; MLflow's start-up chatter and papermill's copy of cell errors are noise here
     os.environ.setdefault('MLFLOW_LOGGING_LEVEL', 'WARNING')
+    os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')   # nbprod shows its own progress
     logging.getLogger('papermill').setLevel(logging.CRITICAL)
     # after Ctrl-C, nbclient's pending cell task dies with the kernel; asyncio would print its traceback
     logging.getLogger('asyncio').setLevel(logging.CRITICAL)
@@ -411,6 +413,89 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name or id."
     try: gone = revoke_key(load_settings(profile=profile), name)
     except NbprodError as e: _fail(e)
     out.print(f"revoked key [bold]{gone.name}[/bold] ({gone.id})")
+
+# %% ../nbs/10_cli.ipynb #d74328dc
+@app.command('profile', epilog="[dim]nbprod profile data/processed/train.parquet --check hours[/dim]")
+def profile_cmd(file: Annotated[Path, typer.Argument(help="A CSV (.csv, .tsv, .csv.gz) or Parquet file.", show_default=False)],
+                out_path: Annotated[Optional[Path], typer.Option('--out', help="Where to write the profile (default: FILE.whylogs.bin beside it).")] = None,
+                check: Annotated[Optional[list[str]], typer.Option('--check', '-c', help="A data check of [tool.nbprod.checks] to run on it (repeat).")] = None,
+                chunk_rows: Annotated[int, typer.Option('--chunk-rows', min=1000, help="Rows read at a time.")] = 200_000,
+                profile: ProfileOpt = None):
+    "Profile a data file with whylogs, in chunks, and print its summary; with --check, check it (exit 1 when a check fails)."
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from nbprod.profiles import profile_file, summary
+    try:
+        checks = []
+        if check:
+            from nbprod.datachecks import data_checks
+            from nbprod.settings import load_settings
+            found = data_checks(load_settings(profile=profile))
+            for name in check:
+                if name not in found: raise NbprodError(f"no data check {name!r}", hint=f"checks of this project: {', '.join(found) or 'none'} ([tool.nbprod.checks.NAME])")
+            checks = [found[n] for n in check]
+        with Progress(SpinnerColumn(), TextColumn("profiling {task.description}"), BarColumn(), TextColumn("{task.fields[done]}"),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(file.name, total=None, done='')
+            def progress(done, total):
+                bar.update(task, completed=done, total=total, done=f"{done / 1e6:.1f} MB" if total and total == file.stat().st_size else f"{done:,} rows")
+            p = profile_file(file, chunk_rows=chunk_rows, progress=progress)
+        dest = p.write(out_path or file.with_name(file.name + '.whylogs.bin'))
+    except NbprodError as e: _fail(e)
+    s = summary(p)
+    t = Table(box=None, title=f"{file} · {p.rows:,} rows · {len(s)} columns", title_justify='left')
+    for col in ['column', 'kind', 'count', 'missing', 'mean', 'std', 'min', '50%', 'max', 'distinct', 'top']: t.add_column(col, no_wrap=col != 'top', overflow='fold')
+    fmt = lambda v: '' if v is None or (isinstance(v, float) and v != v) else f"{v:.4g}" if isinstance(v, float) else str(v)
+    for name,row in s.iterrows():
+        t.add_row(name, row['kind'], f"{row['count']:,}", f"{row['missing']:,}", *[fmt(row[c]) for c in ['mean', 'std', 'min', '50%', 'max']],
+                  fmt(row['distinct']), row['top'])
+    out.print(t, highlight=False)
+    out.print(f"profile written to {dest}", highlight=False)
+    failed = False
+    for c in checks:
+        from nbprod.datachecks import run_check
+        rep = run_check(c, p, source=str(file))
+        failed |= not rep.passed
+        out.print(("[green]✓[/green] " if rep.passed else "[red]✗[/red] ") + escape(rep.text()), highlight=False)
+    if failed: raise typer.Exit(1)
+
+# %% ../nbs/10_cli.ipynb #f8d1e4d4
+monitor_app = typer.Typer(help="Monitoring of served models: drift of their traffic against the training data.", no_args_is_help=True)
+app.add_typer(monitor_app, name='monitor')
+
+_STATUS_CELL = {'NO_DRIFT': '[green]ok[/green]', 'POSSIBLE_DRIFT': '[yellow]warn[/yellow]', 'DRIFT': '[bold red]DRIFT[/bold red]'}
+
+@monitor_app.command('drift', epilog="[dim]nbprod monitor drift bikeshare --last 24[/dim]")
+def monitor_drift(model: Annotated[str, typer.Argument(help="A served model's name.", show_default=False)],
+                  last: Annotated[Optional[int], typer.Option('--last', '-n', min=1, help="Only the last N windows.")] = None,
+                  version: Annotated[Optional[str], typer.Option('--version', help="Compare with this version's reference (default: the champion's).")] = None,
+                  as_json: Annotated[bool, typer.Option('--json', help="Print the table as JSON lines (one per window and feature).")] = False,
+                  profile: ProfileOpt = None):
+    "Drift of a served model's traffic, feature × window, against its champion's training data (exit 0)."
+    from nbprod.monitor import drift_matrix, drift_report
+    from nbprod.settings import load_settings
+    try: ref_version,table = drift_report(load_settings(profile=profile), model, version, last)
+    except NbprodError as e: _fail(e)
+    if as_json:
+        import json
+        for rec in table.assign(window=table.window.astype(str)).to_dict('records'): typer.echo(json.dumps({k: None if v != v else v for k,v in rec.items()}, default=str))   # NaN is not JSON
+        return
+    if table.empty:
+        out.print(f"no traffic profiles of {model} yet: they are written while `nbprod serve` answers requests")
+        return
+    statuses,stats = drift_matrix(table),drift_matrix(table, 'statistic')
+    windows = list(statuses.columns)
+    t = Table(box=None, title=f"{model}: drift against version {ref_version}'s training data · {len(windows)} windows", title_justify='left')
+    t.add_column('feature', no_wrap=True)
+    label = lambda w: w.strftime('%m-%d %H:%M')
+    for w in windows: t.add_column(label(w), no_wrap=True, justify='center')
+    for feature in statuses.index:
+        t.add_row(feature, *[(_STATUS_CELL.get(statuses.loc[feature, w], '[dim]-[/dim]') +
+                              (f" [dim]{stats.loc[feature, w]:.2g}[/dim]" if isinstance(stats.loc[feature, w], float) and stats.loc[feature, w] == stats.loc[feature, w] else ''))
+                             for w in windows])
+    per = table.drop_duplicates('window').set_index('window')
+    t.add_row('[bold]window[/bold]', *[_STATUS_CELL.get(per.loc[w, 'window_status'], '[dim]-[/dim]') for w in windows])
+    t.add_row('[dim]rows[/dim]', *[f"[dim]{int(per.loc[w, 'rows']):,}[/dim]" for w in windows])
+    out.print(t, highlight=False)
 
 # %% ../nbs/10_cli.ipynb #ee77dc38
 def main():

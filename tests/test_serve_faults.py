@@ -1,5 +1,6 @@
 """`nbprod serve` under stress, over real HTTP on 127.0.0.1: overload is refused at once with 503 and Retry-After, and a
-replica killed with SIGKILL under load loses none of the predictions it answered from the audit log."""
+replica killed with SIGKILL under load loses none of the predictions it answered from the audit log. Two replicas:
+their metrics and their traffic profiles add up."""
 import signal, threading, time
 from collections import Counter
 
@@ -17,7 +18,7 @@ def served(tmp_path_factory):
     (p.root/'pyproject.toml').write_text('[project]\nname = "faults"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.sleepy]\n')
     port = free_port()
     (p.root/'settings.ini').write_text(f'[DEFAULT]\nserve_port = {port}\nserve_replicas = 2\nmax_ongoing_requests = 4\n'
-                                       'max_queued_requests = 4\nretry_after_s = 3\n')
+                                       'max_queued_requests = 4\nretry_after_s = 3\nprofile_flush_s = 1\n')
     s = p.settings()
     register(p)
     _, key = create_key(s, 'tests', ['sleepy'])
@@ -57,6 +58,23 @@ def test_metrics_add_up_across_replicas(served):
         counted = sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
                       if x.name == 'nbprod_requests_total' and x.labels['code'] == '200')
         assert counted == answered, (answered, text)
+    # the traffic profiles: each replica wrote its part; merged, they are the profile of every answered record
+    from nbprod.audit import read_audit
+    from nbprod.profiles import merge, profile, summary
+    from nbprod.windows import windows
+    store = p.settings().store
+    deadline = time.time() + 30                              # each replica writes every second (profile_flush_s)
+    while merge(windows(store/'profiles', 'sleepy').values()).rows < answered and time.time() < deadline: time.sleep(0.5)
+    parts = list((store/'profiles'/'sleepy'/'windows').glob('*/v1/*.bin'))
+    assert len({f.name for f in parts}) == 2, parts          # one file per replica (and window)
+    traffic = merge(windows(store/'profiles', 'sleepy').values())
+    audit = read_audit(store/'audit', 'sleepy')
+    assert traffic.rows == len(audit) == answered
+    import json, pandas as pd
+    every = profile(pd.DataFrame([{**json.loads(i), 'prediction': json.loads(o)} for i, o in zip(audit.inputs, audit.outputs)]))
+    a, b = summary(traffic), summary(every)
+    assert a['count'].to_dict() == b['count'].to_dict() and a['max'].to_dict() == b['max'].to_dict()
+    assert abs(a.loc['wait', 'mean'] - b.loc['wait', 'mean']) < 1e-9
 
 
 def _burst(url, key, n, wait, rid=''):
