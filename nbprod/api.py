@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #ee9f0a39
+# %% ../nbs/19_api.ipynb #da8c002d
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, json, logging, random, re, time, uuid
 import numpy as np
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #5f038330
+# %% ../nbs/19_api.ipynb #c13d8899
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -59,7 +59,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #9c72287a
+# %% ../nbs/19_api.ipynb #f9e96aad
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -83,11 +83,11 @@ async def _predict_in_thread(model:ServedModel, variant:Variant, rows:list[dict]
     return await asyncio.to_thread(run_model, model, variant, rows)
 
 class Endpoint:
-    "What the API serves: models, keys, the audit log (one, or one per model name), the traffic profilers (`{model name: WindowProfiler}`), and how to predict: `predict(model, variant, records)` returns the outputs (batched under Ray Serve)."
+    "What the API serves: models, keys, the audit log (one, or one per model name), the traffic profilers (`{model name: WindowProfiler}`), the label logs (`{model name: AuditLog}`), and how to predict: `predict(model, variant, records)` returns the outputs (batched under Ray Serve)."
     def __init__(self, models:dict[str, ServedModel], keys:KeyRing, audit=None, predict=_predict_in_thread, max_bytes:int=1_000_000,
-                 profiles:dict|None=None):
+                 profiles:dict|None=None, labels:dict|None=None):
         self.models,self.keys,self.audit,self._predict,self.max_bytes = models,keys,audit,predict,max_bytes
-        self.profiles = profiles or {}
+        self.profiles,self.labels = profiles or {},labels or {}
         self.shadow_tasks = set()
 
     def model(self, name:str) -> ServedModel:
@@ -143,6 +143,18 @@ class Endpoint:
             self._profile(model, model.shadow, rows, outputs)
         except Exception: log.exception("shadow prediction of %s failed (request %s)", model.name, rid)
 
+    async def feedback(self, body:bytes, authorization:str|None) -> dict:
+        "Store labels of answered predictions (`POST /v1/feedback`); on disk before the answer."
+        from nbprod.feedback import parse_feedback
+        self.keys.identify(authorization)                 # 401 before looking at the body
+        name,labels = parse_feedback(body)
+        self.model(name)                                  # 404 for a model not served here
+        key = self.keys.check(authorization, name)        # 403 for a key of other models
+        log = self.labels.get(name)
+        if log is None: raise RequestError(f"this endpoint keeps no labels for {name!r}", status=501)
+        await log.write([{**x, 'source': f"key:{key.name}" if key else 'open access'} for x in labels])
+        return {'model': name, 'accepted': len(labels)}
+
     def _profile(self, model, variant, rows, outputs):
         "Note the answered records for the traffic profiles (the profiler works in its own thread)."
         if (p := self.profiles.get(model.name)) is not None: p.add(variant.version, rows, outputs)
@@ -165,7 +177,7 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #a68a0e8e
+# %% ../nbs/19_api.ipynb #d08934c2
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     _FAMILIES = {'nbprod_requests': ('counter', "Prediction requests answered"),
@@ -234,7 +246,7 @@ class Metrics:
         registry.register(_All())
         return generate_latest(registry)
 
-# %% ../nbs/19_api.ipynb #51805031
+# %% ../nbs/19_api.ipynb #fc5bb872
 _FAST_ROUTE = re.compile(r'^/v1/models/([^/]+)/(predict|explain)$')
 _JSON = 'application/json'
 
@@ -255,6 +267,12 @@ async def _read_body(receive, limit:int) -> bytes:
         if size > limit: raise RequestError(f"the body is over the limit of {limit:,} bytes", status=413, hint="send fewer records per request")
         chunks.append(chunk)
         if not msg.get('more_body'): return b''.join(chunks)
+
+_FEEDBACK_SCHEMA = {'type': 'object', 'required': ['model', 'labels'], 'additionalProperties': False, 'properties': {
+    'model': {'type': 'string'},
+    'labels': {'type': 'array', 'minItems': 1, 'items': {'type': 'object', 'required': ['request_id', 'label'], 'additionalProperties': False,
+               'properties': {'request_id': {'type': 'string'}, 'index': {'type': 'integer', 'minimum': 0, 'default': 0},
+                              'label': {'type': ['number', 'string', 'boolean']}}}}}}
 
 def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[], bool]|None=None, gather=None):
     "The FastAPI app serving `endpoint`; `await gather(snapshot)` returns every replica's metrics snapshots (default: this one's only)."
@@ -349,6 +367,16 @@ def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[],
 
     @app.post('/v1/models/{name}/explain', summary="Explain (any model)", include_in_schema=False)
     async def explain_any(request:Request, name:str): return await answer(request, name, 'explain')
+
+    @app.post('/v1/feedback', summary="Labels (the truth, once known) of answered predictions, by request id",
+              openapi_extra={'requestBody': {'required': True, 'content': {_JSON: {'schema': _FEEDBACK_SCHEMA}}}})
+    async def feedback(request:Request):
+        rid = rid_of(request)
+        size = request.headers.get('content-length') or ''
+        if size.isdigit() and int(size) > endpoint.max_bytes:
+            raise RequestError(f"the body is {int(size):,} bytes, over the limit of {endpoint.max_bytes:,}", status=413, hint="send fewer labels per request")
+        out = await endpoint.feedback(await _read_body(request.receive, endpoint.max_bytes), request.headers.get('authorization'))
+        return JSONResponse({'request_id': rid, **out}, headers={'X-Request-ID': rid})
 
     @app.get('/v1/models', summary="The models served, their variants and input fields")
     async def models(request:Request):

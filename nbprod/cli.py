@@ -17,7 +17,7 @@ from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 # %% auto #0
 __all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'monitor_app', 'main_options', 'run', 'sweep', 'runs',
            'new', 'export', 'check', 'serve', 'apps', 'keys_create', 'keys_list', 'keys_revoke', 'profile_cmd',
-           'monitor_drift', 'main']
+           'monitor_drift', 'monitor_check', 'monitor_alerts', 'monitor_labels', 'monitor_performance', 'main']
 
 # %% ../nbs/10_cli.ipynb #572c1867
 EXAMPLES = """[bold]Examples[/bold]
@@ -459,7 +459,7 @@ def profile_cmd(file: Annotated[Path, typer.Argument(help="A CSV (.csv, .tsv, .c
     if failed: raise typer.Exit(1)
 
 # %% ../nbs/10_cli.ipynb #f8d1e4d4
-monitor_app = typer.Typer(help="Monitoring of served models: drift of their traffic against the training data.", no_args_is_help=True)
+monitor_app = typer.Typer(help="Monitoring of served models: drift, labels and performance, alerts.", no_args_is_help=True)
 app.add_typer(monitor_app, name='monitor')
 
 _STATUS_CELL = {'NO_DRIFT': '[green]ok[/green]', 'POSSIBLE_DRIFT': '[yellow]warn[/yellow]', 'DRIFT': '[bold red]DRIFT[/bold red]'}
@@ -495,6 +495,91 @@ def monitor_drift(model: Annotated[str, typer.Argument(help="A served model's na
     per = table.drop_duplicates('window').set_index('window')
     t.add_row('[bold]window[/bold]', *[_STATUS_CELL.get(per.loc[w, 'window_status'], '[dim]-[/dim]') for w in windows])
     t.add_row('[dim]rows[/dim]', *[f"[dim]{int(per.loc[w, 'rows']):,}[/dim]" for w in windows])
+    out.print(t, highlight=False)
+
+# %% ../nbs/10_cli.ipynb #76a1c38c
+_LEVEL_CELL = {'ok': '[green]ok[/green]', 'warning': '[yellow]warning[/yellow]', 'breach': '[bold red]breach[/bold red]', 'unknown': '[dim]unknown[/dim]'}
+
+@monitor_app.command('check', epilog="[dim]nbprod monitor check || notify-someone   # cron: exit 0 healthy, 1 warning, 2 breach[/dim]")
+def monitor_check(models: Annotated[Optional[list[str]], typer.Argument(help="Served models to check (default: all).", show_default=False)] = None,
+                  profile: ProfileOpt = None):
+    "Check drift, performance and staleness of served models; record and send new alerts. Exit 0 healthy, 1 warning, 2 breach."
+    from nbprod.alerts import check
+    from nbprod.settings import load_settings
+    try: res = check(load_settings(profile=profile), models or None)
+    except NbprodError as e: _fail(e)
+    t = Table(box=None)
+    for col in ('model', 'now', 'latest window', 'drift', 'performance', 'traffic'): t.add_column(col, no_wrap=True)
+    for h in res.models:
+        t.add_row(h.model, _LEVEL_CELL[h.level], (h.window or '-')[:16].replace('T', ' '), _STATUS_CELL.get(h.drift, '[dim]-[/dim]'),
+                  _LEVEL_CELL.get(h.performance, '[dim]-[/dim]'), '[bold red]stale[/bold red]' if h.stale else '[green]flowing[/green]')
+    out.print(t, highlight=False)
+    for h in res.models:
+        for n in h.notes: err.print(f"[yellow]{escape(h.model)}:[/yellow] {escape(n)}", highlight=False)
+    for a in res.new: out.print(f"new alert {_LEVEL_CELL[a.level]} {escape(a.message)}", highlight=False)
+    for a,ok,n,error in res.deliveries:
+        if not ok: err.print(f"[red]alert {a.id} not delivered[/red] after {n} attempts: {escape(error or '')} (sent again by the next check)", highlight=False)
+    if res.deliveries: out.print(f"webhook: {sum(ok for _,ok,_,_ in res.deliveries)} of {len(res.deliveries)} alerts delivered", highlight=False)
+    raise typer.Exit(res.exit_code)
+
+@monitor_app.command('alerts')
+def monitor_alerts(model: Annotated[Optional[str], typer.Argument(help="A served model (default: all).", show_default=False)] = None,
+                   limit: Annotated[int, typer.Option('--limit', '-n', min=1, help="How many, newest first.")] = 50,
+                   profile: ProfileOpt = None):
+    "List recorded alerts, newest first, with whether the webhook got them."
+    from nbprod.alerts import AlertLog
+    from nbprod.settings import load_settings
+    try: log = AlertLog(load_settings(profile=profile).store)
+    except NbprodError as e: _fail(e)
+    alerts,done = log.alerts(model)[::-1][:limit],log.delivered()
+    if not alerts:
+        out.print("no alerts recorded; `nbprod monitor check` records them")
+        return
+    t = Table(box=None)
+    for col,kw in [('time', {}), ('model', {}), ('level', {}), ('kind', {}), ('subject', {}), ('window', {}), ('sent', {}), ('what', {'overflow': 'fold'})]:
+        t.add_column(col, no_wrap=col != 'what', **kw)
+    for a in alerts:
+        t.add_row(a.time[:16].replace('T', ' '), a.model, _LEVEL_CELL[a.level], a.kind, a.subject, (a.window or '-')[:16].replace('T', ' '),
+                  'yes' if a.id in done else '-', escape(a.message))
+    out.print(t, highlight=False)
+
+@monitor_app.command('labels', epilog="[dim]nbprod monitor labels data/july_truth.csv --model bikeshare[/dim]")
+def monitor_labels(file: Annotated[Path, typer.Argument(help="CSV or Parquet: request_id, label, optionally index.", show_default=False)],
+                   model: Annotated[str, typer.Option('--model', '-m', help="The served model the labels are for.", show_default=False)],
+                   id_column: Annotated[str, typer.Option('--id-column', help="The column of request ids.")] = 'request_id',
+                   label_column: Annotated[str, typer.Option('--label-column', help="The column of labels.")] = 'label',
+                   profile: ProfileOpt = None):
+    "Store labels (the truth, once known) of answered predictions from a file, joined to them by request id."
+    from nbprod.feedback import join_labels, load_labels
+    from nbprod.serving import serve_specs
+    from nbprod.settings import load_settings
+    try:
+        s = load_settings(profile=profile)
+        served = [x.name for x in serve_specs(s)]
+        if model not in served: raise NbprodError(f"no served model {model!r}", hint=f"served: {', '.join(served)}")
+        n = load_labels(s.store, model, file, id_column, label_column)
+        j = join_labels(s.store, model)
+    except NbprodError as e: _fail(e)
+    out.print(f"stored {n:,} labels for {model}; {len(j.frame):,} of {j.predictions:,} answered predictions now have one "
+              f"({j.unmatched:,} labels match no prediction, {j.duplicates:,} were replaced by a later label)", highlight=False)
+
+@monitor_app.command('performance', epilog="[dim]nbprod monitor performance bikeshare --last 12[/dim]")
+def monitor_performance(model: Annotated[str, typer.Argument(help="A served model's name.", show_default=False)],
+                        last: Annotated[Optional[int], typer.Option('--last', '-n', min=1, help="Only the last N windows.")] = None,
+                        profile: ProfileOpt = None):
+    "The model's performance on labelled predictions, window by window and version by version, against its baseline."
+    from nbprod.monitor import performance_report
+    from nbprod.settings import load_settings
+    try: joined,table = performance_report(load_settings(profile=profile), model, last)
+    except NbprodError as e: _fail(e)
+    if table.empty:
+        out.print(f"no labelled predictions of {model} yet ({joined.labels:,} labels, {joined.predictions:,} predictions); "
+                  "send labels to POST /v1/feedback or `nbprod monitor labels FILE`")
+        return
+    t = Table(box=None, title=f"{model}: {table.metric.iloc[0]} against a baseline of {table.baseline.iloc[0]:.4g}", title_justify='left')
+    for col in ('window', 'version', 'labels', table.metric.iloc[0], 'status'): t.add_column(col, no_wrap=True)
+    for r in table.itertuples():
+        t.add_row(str(r.window)[:16], str(r.version), f"{r.labels:,}", f"{r.value:.4g}", _LEVEL_CELL.get(r.status, r.status))
     out.print(t, highlight=False)
 
 # %% ../nbs/10_cli.ipynb #ee77dc38

@@ -132,6 +132,12 @@ SETTING_HELP = {
     'registry_poll_s': "seconds between checks of the model registry for new aliases and traffic weights (no restart needed)",
     'profile_window_s': "seconds of traffic in one profile window: drift is measured window by window",
     'profile_flush_s': "seconds between writes of each replica's traffic profiles to the store (what a crash can lose from the profiles, never from the audit log)",
+    'profile_traffic': "profile what endpoints answer, for drift (whylogs, in a background thread of each replica)",
+    'stale_after_s': "seconds without new traffic profiles before a served model's input counts as stale, an alert (0: never)",
+    'alert_webhook': "the URL alerts are POSTed to as JSON (empty: alerts are only recorded)",
+    'alert_webhook_env': "instead of alert_webhook: the environment variable holding the webhook URL, when it carries a token",
+    'alert_retries': "times a failed webhook call is retried, with backoff",
+    'alert_timeout_s': "seconds a webhook call may take",
 }
 
 def settings_ini(name:str) -> str:

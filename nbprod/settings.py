@@ -128,6 +128,12 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'registry_poll_s': ('5', _int_at_least(1), "seconds between checks of the registry for new aliases and traffic weights, an integer >= 1"),
     'profile_window_s': ('3600', _int_at_least(1), "seconds of traffic in one profile window (windows start at multiples of it, UTC), an integer >= 1"),
     'profile_flush_s': ('10', _int_at_least(1), "seconds between writes of a replica's traffic profiles to the store, an integer >= 1"),
+    'profile_traffic': ('true', _bool, "true or false (false: endpoints keep no traffic profiles, and drift cannot be measured)"),
+    'stale_after_s': ('7200', _int_at_least(0), "seconds without a new traffic profile before a served model's input is stale (an alert), an integer >= 0 (0: never)"),
+    'alert_webhook': ('', _uri, "empty (no webhook) or the URL alerts are POSTed to as JSON"),
+    'alert_webhook_env': ('', _env_name, "empty, or the environment variable that holds the webhook URL (for URLs with a token)"),
+    'alert_retries': ('3', _int_at_least(0), "times a failed webhook call is retried, with backoff, an integer >= 0"),
+    'alert_timeout_s': ('5', _int_at_least(1), "seconds a webhook call may take, an integer >= 1"),
 }
 
 # %% ../nbs/01_settings.ipynb #0e3e8507
@@ -215,6 +221,12 @@ class Settings:
     registry_poll_s: int
     profile_window_s: int
     profile_flush_s: int
+    profile_traffic: bool
+    stale_after_s: int
+    alert_webhook: str
+    alert_webhook_env: str
+    alert_retries: int
+    alert_timeout_s: int
     secrets: dict = field(default_factory=dict)  # parameter -> environment variable
     project: 'Project' = None  # what the project runs ([tool.nbprod])
 

@@ -16,17 +16,20 @@ rng = np.random.default_rng(0)
 df = pd.DataFrame({"temp": rng.normal(15, 5, 3000), "hum": rng.uniform(0, 1, 3000), "weather": rng.choice(["clear", "mist", "rain"], 3000)})
 df["cnt"] = 10 * df.temp + rng.normal(0, 1, 3000)
 X = df[["temp", "hum"]]
-track.log_model(Ridge().fit(X, df.cnt), X_example=X, registered_name="bikes", alias="champion", reference=df)'''
+track.log_model(Ridge().fit(X, df.cnt), X_example=X, registered_name="bikes", alias="champion", reference=df)
+track.log_metric("val_mae", 2.0)'''
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    p = Project(tmp_path_factory.mktemp('monitor'))
+def make_trained(root) -> Project:
+    "A project whose model `bikes` was trained by `nbprod run` (a real kernel) with a reference profile and a val_mae of 2."
+    p = Project(root)
     (p.root/'pyproject.toml').write_text('''[project]\nname = "mon"\n\n[tool.nbprod]\n
 [tool.nbprod.serve.models.bikes]\n
 [tool.nbprod.monitor.models.bikes]
 features = ["temp", "hum", "weather"]
+default = {warn = 0.01, drift = 0.001}   # stricter than 0.15/0.05: fewer false alarms over many windows and features
 drift.hum = {algorithm = "hellinger"}
+performance = {metric = "mae", baseline = "val_mae", warn = 0.1, breach = 0.25, min_labels = 5}
 
 [tool.nbprod.checks.hours]
 required = ["temp", "hum"]
@@ -39,6 +42,10 @@ columns.weather = {allowed = ["clear", "mist", "rain"]}
     r = p.cli('run', 'nbs/train.ipynb', timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return p
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory): return make_trained(tmp_path_factory.mktemp('monitor'))
 
 
 def test_profile_a_file_with_checks(trained, tmp_path):
@@ -95,3 +102,97 @@ def test_monitor_drift_table(trained):
     assert {x['window_status'] for x in rows} == {'DRIFT'}
     r = p.cli('monitor', 'drift', 'taxi')
     assert r.returncode == 2 and "no served model 'taxi'" in r.stderr, r.stderr
+
+
+class Clock:
+    def __init__(self, t): self.t = t
+    def __call__(self): return self.t
+
+
+def traffic(p, clock, window, n=300, shift=0.0, seed=0):
+    "One replica's traffic in window `window` (hours after the clock's start), profiled as `nbprod serve` does."
+    from nbprod.windows import WindowProfiler
+    rng = np.random.default_rng(seed)
+    clock.t = clock.start + window * 3600 + 60
+    rep = WindowProfiler(p.settings().store/'profiles', 'bikes', 'r0', window_s=3600, clock=clock, start=False)
+    recs = [{'temp': float(t), 'hum': float(h), 'weather': str(c)} for t, h, c in
+            zip(rng.normal(15 + shift, 5, n), rng.uniform(0, 1, n), rng.choice(['clear', 'mist', 'rain'], n))]
+    rep.add('1', recs, [10 * r['temp'] for r in recs])
+    rep.flush()
+
+
+def test_check_alerts_webhook_labels_and_exit_codes(tmp_path_factory, tmp_path):
+    "Healthy (0); a performance warning from late labels (1); drift (2) sent to a webhook that fails first; stale (2)."
+    import os, threading, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from nbprod.audit import AuditLog
+    p = make_trained(tmp_path_factory.mktemp('check'))
+    got, plan = [], []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+            code = plan.pop(0) if plan else 200
+            if code == 200: got.append(body)
+            self.send_response(code)
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+        def log_message(self, *a): pass
+    server = ThreadingHTTPServer(('127.0.0.1', 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = p.env(NBPROD_ALERT_WEBHOOK=f'http://127.0.0.1:{server.server_port}/hook')
+    check = lambda *a: p.cli('monitor', 'check', *a, env=env)
+    try:
+        start = time.time() - time.time() % 3600 - 3 * 3600
+        clock = Clock(start)
+        clock.start = start
+        for w in range(2): traffic(p, clock, w, seed=w)
+        r = check()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert 'flowing' in r.stdout and 'new alert' not in r.stdout and got == []
+
+        # predictions of the latest window, labelled late: MAE 2.3 against a baseline of 2.0, 15% worse: a warning
+        audit = AuditLog(p.settings().store/'audit', 'bikes', clock=clock)
+        audit.write_sync([{'request_id': f'q{i}', 'index': 0, 'version': '1', 'variant': 'champion', 'inputs': {'temp': 15.0},
+                           'outputs': 150.0 + i} for i in range(20)])
+        audit.close()
+        pd.DataFrame({'request_id': [f'q{i}' for i in range(20)] + ['nobody'], 'label': [152.3 + i for i in range(20)] + [1.0]}).to_csv(tmp_path/'truth.csv', index=False)
+        r = p.cli('monitor', 'labels', tmp_path/'truth.csv', '--model', 'bikes')
+        assert r.returncode == 0 and 'stored 21 labels' in r.stdout and '20 of 20 answered predictions now have one' in r.stdout, r.stdout + r.stderr
+        assert '1 labels match no prediction' in r.stdout
+        r = p.cli('monitor', 'performance', 'bikes')
+        assert r.returncode == 0 and 'mae against a baseline of 2' in r.stdout and '2.3' in r.stdout and 'warning' in r.stdout, r.stdout + r.stderr
+        r = check()
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert 'new alert warning mae 2.3 against a baseline of 2' in ' '.join(r.stdout.split()), r.stdout
+        assert [(a['kind'], a['level']) for a in got] == [('performance', 'warning')]
+
+        # the next window drifts; the webhook fails once (500), the retry delivers
+        traffic(p, clock, 2, shift=12, seed=2)
+        plan[:] = [500]
+        r = check()
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert 'new alert breach temp drifted' in ' '.join(r.stdout.split()), r.stdout
+        assert ('drift', 'temp', 'breach') in [(a['kind'], a['subject'], a['level']) for a in got], got
+        assert plan == []                                           # the 500 was answered, then retried
+        n = len(got)
+        r = check()                                                 # recorded once: nothing new to send
+        assert r.returncode == 2 and 'new alert' not in r.stdout and len(got) == n, r.stdout
+
+        # nothing new written for 3 hours, against stale_after_s = 3600: stale, a breach
+        old = time.time() - 3 * 3600
+        for f in (p.settings().store/'profiles').rglob('*.bin'): os.utime(f, (old, old))
+        r = p.cli('monitor', 'check', env={**env, 'NBPROD_STALE_AFTER_S': '3600'})
+        assert r.returncode == 2 and 'stale' in r.stdout and 'no traffic profile since' in ' '.join(r.stdout.split()), r.stdout
+        assert got[-1]['kind'] == 'stale'
+        r = p.cli('monitor', 'alerts', 'bikes', env=env)
+        assert r.returncode == 0 and all(k in r.stdout for k in ('performance', 'drift', 'stale')), r.stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+    # a webhook that is down: the alert is recorded, not delivered, and the exit code still says breach
+    traffic(p, clock, 3, shift=-12, seed=3)
+    r = check()
+    assert r.returncode == 2 and 'not delivered' in r.stderr and 'sent again by the next check' in r.stderr, r.stdout + r.stderr
+    r = p.cli('monitor', 'check', 'taxi')
+    assert r.returncode == 2 and "no served model 'taxi'" in r.stderr
