@@ -17,7 +17,8 @@ from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 # %% auto #0
 __all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'monitor_app', 'main_options', 'run', 'sweep', 'runs',
            'new', 'export', 'check', 'serve', 'apps', 'keys_create', 'keys_list', 'keys_revoke', 'profile_cmd',
-           'monitor_drift', 'monitor_check', 'monitor_alerts', 'monitor_labels', 'monitor_performance', 'main']
+           'monitor_drift', 'monitor_check', 'monitor_alerts', 'monitor_labels', 'monitor_performance',
+           'monitor_retrain', 'monitor_history', 'monitor_approve', 'monitor_veto', 'main']
 
 # %% ../nbs/10_cli.ipynb #572c1867
 EXAMPLES = """[bold]Examples[/bold]
@@ -506,7 +507,7 @@ def monitor_check(models: Annotated[Optional[list[str]], typer.Argument(help="Se
     "Check drift, performance and staleness of served models; record and send new alerts. Exit 0 healthy, 1 warning, 2 breach."
     from nbprod.alerts import check
     from nbprod.settings import load_settings
-    try: res = check(load_settings(profile=profile), models or None)
+    try: res = check(load_settings(profile=profile), models or None, on_step=_print_step)
     except NbprodError as e: _fail(e)
     t = Table(box=None)
     for col in ('model', 'now', 'latest window', 'drift', 'performance', 'traffic'): t.add_column(col, no_wrap=True)
@@ -581,6 +582,87 @@ def monitor_performance(model: Annotated[str, typer.Argument(help="A served mode
     for r in table.itertuples():
         t.add_row(str(r.window)[:16], str(r.version), f"{r.labels:,}", f"{r.value:.4g}", _LEVEL_CELL.get(r.status, r.status))
     out.print(t, highlight=False)
+
+# %% ../nbs/10_cli.ipynb #23f50a48
+_STEP_CELL = {'promoted': '[bold green]promoted[/bold green]', 'rolled_back': '[bold red]rolled back[/bold red]', 'rejected': '[yellow]rejected[/yellow]',
+              'failed': '[red]failed[/red]', 'vetoed': '[yellow]vetoed[/yellow]', 'awaiting_approval': '[bold magenta]awaiting approval[/bold magenta]',
+              'canary': '[cyan]canary[/cyan]'}
+
+def _print_step(e):
+    out.print(f"[dim]{e.time[11:19]}[/dim] loop {e.loop} {_STEP_CELL.get(e.step, e.step)}: {escape(e.reasons)}", highlight=False)
+
+@monitor_app.command('retrain', epilog="[dim]nbprod monitor retrain bikeshare --wait\n\nnbprod monitor retrain --resume LOOP[/dim]")
+def monitor_retrain(model: Annotated[Optional[str], typer.Argument(help="A served model with a retrain table.", show_default=False)] = None,
+                    param: Annotated[Optional[list[str]], typer.Option('-p', '--param', help="A pipeline parameter as name=value; repeat for more.")] = None,
+                    resume: Annotated[Optional[str], typer.Option('--resume', metavar='LOOP', help="Go on with a loop that has not ended.")] = None,
+                    wait: Annotated[bool, typer.Option('--wait', help="Stay until the loop ends (through the canary's watch), not only until it must wait.")] = False,
+                    profile: ProfileOpt = None):
+    "Retrain a served model now: pipeline, evaluation against the champion, canary, promotion or rollback, each step recorded."
+    from nbprod.params import parse_assignments
+    from nbprod.retrain import Decisions, ENDS, Loop
+    from nbprod.settings import load_settings
+    try:
+        s = load_settings(profile=profile)
+        if resume:
+            last = Decisions(s.store).last(resume)
+            loop = Loop(s, last.model, resume, on_step=_print_step)
+        elif model:
+            loop = Loop.start(s, model, "started by hand", actor=_user_name(), parameters=parse_assignments(param or []), on_step=_print_step)
+        else: raise NbprodError("which model?", hint="nbprod monitor retrain MODEL, or --resume LOOP")
+        with err.status("retraining: each step is recorded as it ends") as status:
+            e = loop.advance()
+            while wait and e.step not in ENDS and e.step != 'awaiting_approval':
+                status.update(f"watching the canary of loop {loop.loop} ({e.step})")
+                time.sleep(min(5, max(1, s.canary_watch_s / 10)))
+                e = loop.advance()
+    except NbprodError as e: _fail(e)
+    if e.step == 'awaiting_approval': out.print(f"approve with [bold]nbprod monitor approve {loop.loop}[/bold], or veto with [bold]nbprod monitor veto {loop.loop}[/bold]")
+    elif e.step == 'canary': out.print(f"the canary is being watched; `nbprod monitor check` (or `nbprod monitor retrain --resume {loop.loop} --wait`) judges it after {s.canary_watch_s}s")
+    if e.step in ('failed',): raise typer.Exit(1)
+
+def _user_name() -> str:
+    from nbprod.retrain import _user
+    return _user()
+
+@monitor_app.command('history')
+def monitor_history(model: Annotated[str, typer.Argument(help="A served model.", show_default=False)],
+                    limit: Annotated[int, typer.Option('--limit', '-n', min=1, help="How many events, newest last.")] = 50,
+                    profile: ProfileOpt = None):
+    "Every retrain loop's steps and decisions for a model, with their reasons and who took them."
+    from nbprod.retrain import Decisions
+    from nbprod.settings import load_settings
+    try: h = Decisions(load_settings(profile=profile).store).history(model)
+    except NbprodError as e: _fail(e)
+    if h.empty:
+        out.print(f"no retrain decisions for {model} yet")
+        return
+    t = Table(box=None)
+    for col in ('time', 'loop', 'step', 'by', 'why'): t.add_column(col, no_wrap=col != 'why', overflow='fold')
+    for r in h.tail(limit).itertuples():
+        t.add_row(r.time[:19].replace('T', ' '), r.loop, _STEP_CELL.get(r.step, r.step), r.actor, escape(r.reasons))
+    out.print(t, highlight=False)
+
+@monitor_app.command('approve')
+def monitor_approve(loop: Annotated[str, typer.Argument(help="The loop awaiting approval.", show_default=False)],
+                    note: Annotated[str, typer.Option('--note', help="Why, for the record.")] = '', profile: ProfileOpt = None):
+    "Approve the step a retrain loop is waiting for (the canary, or the promotion), and go on with it."
+    _decide(loop, True, note, profile)
+
+@monitor_app.command('veto')
+def monitor_veto(loop: Annotated[str, typer.Argument(help="The loop awaiting approval.", show_default=False)],
+                 note: Annotated[str, typer.Option('--note', help="Why, for the record.")] = '', profile: ProfileOpt = None):
+    "Refuse the step a retrain loop is waiting for: the loop ends (a running canary is rolled back)."
+    _decide(loop, False, note, profile)
+
+def _decide(loop, approve, note, profile):
+    from nbprod.retrain import Loop, decide
+    from nbprod.settings import load_settings
+    try:
+        s = load_settings(profile=profile)
+        e = decide(s, loop, approve, note=note)
+        _print_step(e)
+        if approve: e = Loop(s, e.model, loop, on_step=_print_step).advance()
+    except NbprodError as e: _fail(e)
 
 # %% ../nbs/10_cli.ipynb #ee77dc38
 def main():

@@ -138,6 +138,11 @@ SETTING_HELP = {
     'alert_webhook_env': "instead of alert_webhook: the environment variable holding the webhook URL, when it carries a token",
     'alert_retries': "times a failed webhook call is retried, with backoff",
     'alert_timeout_s': "seconds a webhook call may take",
+    'retrain':       "what a breach does: off (alerts only), auto (retrain, canary, promote or roll back by itself) or approve (a person approves the canary and the promotion)",
+    'promote_margin': "how much better a retrained model must be than the champion on the same labelled holdout (0.02: 2%)",
+    'canary_weight': "the share of the traffic a canary gets",
+    'canary_watch_s': "seconds a canary is watched before it is promoted or rolled back",
+    'canary_min_requests': "requests a canary must answer before it is judged (it is watched up to three times as long for them)",
 }
 
 def settings_ini(name:str) -> str:

@@ -74,6 +74,16 @@ def _replicas(v):
     if n < 1: raise ValueError(v)
     return n
 
+def _fraction(v):
+    x = float(v)
+    if not 0 <= x <= 1: raise ValueError(v)
+    return x
+
+def _retrain_mode(v):
+    v = v.strip().lower()
+    if v not in ('off', 'auto', 'approve'): raise ValueError(v)
+    return v
+
 def _port(v):
     n = int(v)
     if not 1 <= n <= 65535: raise ValueError(v)
@@ -134,6 +144,11 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'alert_webhook_env': ('', _env_name, "empty, or the environment variable that holds the webhook URL (for URLs with a token)"),
     'alert_retries': ('3', _int_at_least(0), "times a failed webhook call is retried, with backoff, an integer >= 0"),
     'alert_timeout_s': ('5', _int_at_least(1), "seconds a webhook call may take, an integer >= 1"),
+    'retrain':       ('off', _retrain_mode, "off, auto (a breach retrains, canaries and promotes by itself) or approve (a person approves the canary and the promotion)"),
+    'promote_margin': ('0.02', _fraction, "how much better (a fraction, 0 to 1) a retrained model must be than the champion on the holdout"),
+    'canary_weight': ('0.1', _fraction, "the share of the traffic (0 to 1) a canary gets"),
+    'canary_watch_s': ('600', _int_at_least(1), "seconds a canary is watched before it is promoted or rolled back, an integer >= 1"),
+    'canary_min_requests': ('50', _int_at_least(1), "requests a canary must answer before it is judged, an integer >= 1"),
 }
 
 # %% ../nbs/01_settings.ipynb #0e3e8507
@@ -227,6 +242,11 @@ class Settings:
     alert_webhook_env: str
     alert_retries: int
     alert_timeout_s: int
+    retrain: str
+    promote_margin: float
+    canary_weight: float
+    canary_watch_s: int
+    canary_min_requests: int
     secrets: dict = field(default_factory=dict)  # parameter -> environment variable
     project: 'Project' = None  # what the project runs ([tool.nbprod])
 
