@@ -356,6 +356,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'nbprod.retrain.Loop._promote': ('retrain.html#loop._promote', 'nbprod/retrain.py'),
                                 'nbprod.retrain.Loop._rollback': ('retrain.html#loop._rollback', 'nbprod/retrain.py'),
                                 'nbprod.retrain.Loop._train': ('retrain.html#loop._train', 'nbprod/retrain.py'),
+                                'nbprod.retrain.Loop._unset_challenger': ('retrain.html#loop._unset_challenger', 'nbprod/retrain.py'),
                                 'nbprod.retrain.Loop._watch': ('retrain.html#loop._watch', 'nbprod/retrain.py'),
                                 'nbprod.retrain.Loop.advance': ('retrain.html#loop.advance', 'nbprod/retrain.py'),
                                 'nbprod.retrain.Loop.canary_metrics': ('retrain.html#loop.canary_metrics', 'nbprod/retrain.py'),
@@ -527,7 +528,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'nbprod.windows.WindowProfiler.path': ('windows.html#windowprofiler.path', 'nbprod/windows.py'),
                                 'nbprod.windows._folder_name': ('windows.html#_folder_name', 'nbprod/windows.py'),
                                 'nbprod.windows._parse_folder': ('windows.html#_parse_folder', 'nbprod/windows.py'),
-                                'nbprod.windows._row': ('windows.html#_row', 'nbprod/windows.py'),
+                                'nbprod.windows._table': ('windows.html#_table', 'nbprod/windows.py'),
                                 'nbprod.windows.latest_traffic': ('windows.html#latest_traffic', 'nbprod/windows.py'),
                                 'nbprod.windows.window_start': ('windows.html#window_start', 'nbprod/windows.py'),
                                 'nbprod.windows.windows': ('windows.html#windows', 'nbprod/windows.py')}}}

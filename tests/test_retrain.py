@@ -113,7 +113,7 @@ def aliases(p):
     c = p.client()
     out = {}
     for a in ('champion', 'challenger'):
-        try: out[a] = c.get_model_version_by_alias('bikes', a).version
+        try: out[a] = str(c.get_model_version_by_alias('bikes', a).version)
         except Exception: out[a] = None
     return out
 
