@@ -317,7 +317,7 @@ def check():
     from nbprod.settings import find_project
     try: problems = check_project(find_project())
     except NbprodError as e: _fail(e)
-    for p in problems: err.print(f"[red]✗[/red] {p}", highlight=False)
+    for p in problems: err.print(f"[red]✗[/red] {escape(p)}", highlight=False)
     if problems: raise typer.Exit(1)
     out.print("[green]✓[/green] package matches the notebooks; notebooks are clean")
 

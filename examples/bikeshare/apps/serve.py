@@ -3,7 +3,7 @@
 """The Ray Serve application of bikeshare: `nbprod serve`, or `serve run apps.serve:app` (Ray's CLI).
 
 Serves, on the settings.ini profile in NBPROD_PROFILE (default DEFAULT):
-- POST /v1/models/bikeshare/predict: registered model bikeshare, alias champion, preprocess bikeshare.features:make_features
+- POST /v1/models/bikeshare/predict: registered model bikeshare, alias champion (+ challenger, weight 0.0), preprocess bikeshare.features:make_features
 """
 from pathlib import Path
 from nbprod.serving import serve_app
