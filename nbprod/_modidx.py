@@ -16,6 +16,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'nbprod.alerts.CheckResult.exit_code': ('alerts.html#checkresult.exit_code', 'nbprod/alerts.py'),
                                'nbprod.alerts.CheckResult.level': ('alerts.html#checkresult.level', 'nbprod/alerts.py'),
                                'nbprod.alerts.ModelHealth': ('alerts.html#modelhealth', 'nbprod/alerts.py'),
+                               'nbprod.alerts._breach_reason': ('alerts.html#_breach_reason', 'nbprod/alerts.py'),
                                'nbprod.alerts._iso': ('alerts.html#_iso', 'nbprod/alerts.py'),
                                'nbprod.alerts._num': ('alerts.html#_num', 'nbprod/alerts.py'),
                                'nbprod.alerts._redact_url': ('alerts.html#_redact_url', 'nbprod/alerts.py'),

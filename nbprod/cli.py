@@ -470,6 +470,7 @@ def monitor_drift(model: Annotated[str, typer.Argument(help="A served model's na
                   last: Annotated[Optional[int], typer.Option('--last', '-n', min=1, help="Only the last N windows.")] = None,
                   version: Annotated[Optional[str], typer.Option('--version', help="Compare with this version's reference (default: the champion's).")] = None,
                   as_json: Annotated[bool, typer.Option('--json', help="Print the table as JSON lines (one per window and feature).")] = False,
+                  stats: Annotated[bool, typer.Option('--stats', help="Show each test's statistic next to its status.")] = False,
                   profile: ProfileOpt = None):
     "Drift of a served model's traffic, feature × window, against its champion's training data (exit 0)."
     from nbprod.monitor import drift_matrix, drift_report
@@ -483,15 +484,16 @@ def monitor_drift(model: Annotated[str, typer.Argument(help="A served model's na
     if table.empty:
         out.print(f"no traffic profiles of {model} yet: they are written while `nbprod serve` answers requests")
         return
-    statuses,stats = drift_matrix(table),drift_matrix(table, 'statistic')
+    statuses,stats_ = drift_matrix(table),drift_matrix(table, 'statistic')
     windows = list(statuses.columns)
     t = Table(box=None, title=f"{model}: drift against version {ref_version}'s training data · {len(windows)} windows", title_justify='left')
     t.add_column('feature', no_wrap=True)
-    label = lambda w: w.strftime('%m-%d %H:%M')
+    fmt = '%m-%d %H:%M' if all(w.second == 0 for w in windows) else '%H:%M:%S'   # windows shorter than a minute: their seconds
+    label = lambda w: w.strftime(fmt)
     for w in windows: t.add_column(label(w), no_wrap=True, justify='center')
     for feature in statuses.index:
         t.add_row(feature, *[(_STATUS_CELL.get(statuses.loc[feature, w], '[dim]-[/dim]') +
-                              (f" [dim]{stats.loc[feature, w]:.2g}[/dim]" if isinstance(stats.loc[feature, w], float) and stats.loc[feature, w] == stats.loc[feature, w] else ''))
+                              (f" [dim]{stats_.loc[feature, w]:.2g}[/dim]" if stats and isinstance(stats_.loc[feature, w], float) and stats_.loc[feature, w] == stats_.loc[feature, w] else ''))
                              for w in windows])
     per = table.drop_duplicates('window').set_index('window')
     t.add_row('[bold]window[/bold]', *[_STATUS_CELL.get(per.loc[w, 'window_status'], '[dim]-[/dim]') for w in windows])
@@ -636,11 +638,9 @@ def monitor_history(model: Annotated[str, typer.Argument(help="A served model.",
     if h.empty:
         out.print(f"no retrain decisions for {model} yet")
         return
-    t = Table(box=None)
-    for col in ('time', 'loop', 'step', 'by', 'why'): t.add_column(col, no_wrap=col != 'why', overflow='fold')
-    for r in h.tail(limit).itertuples():
-        t.add_row(r.time[:19].replace('T', ' '), r.loop, _STEP_CELL.get(r.step, r.step), r.actor, escape(r.reasons))
-    out.print(t, highlight=False)
+    for r in h.tail(limit).itertuples():   # one event a paragraph: the reasons are sentences, not table cells
+        out.print(f"[dim]{r.time[:19].replace('T', ' ')}[/dim]  loop {r.loop}  {_STEP_CELL.get(r.step, r.step)}  [dim]by {escape(r.actor)}[/dim]", highlight=False)
+        out.print(f"    {escape(r.reasons)}", highlight=False)
 
 @monitor_app.command('approve')
 def monitor_approve(loop: Annotated[str, typer.Argument(help="The loop awaiting approval.", show_default=False)],

@@ -83,6 +83,7 @@ def main():
     args = ap.parse_args()
     os.chdir(ROOT)
     os.environ['NBPROD_PROFILE'] = PROFILE
+    os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')
     from rich.console import Console
     from nbprod.alerts import check
     from nbprod.auth import create_key
@@ -115,11 +116,12 @@ def main():
             console.print(f"[bold]{NAMES[m]}[/bold]: {len(month)} hours predicted ({served}), {labelled} labels arrived")
             res = check(s, on_step=step)
             for h in res.models:
-                console.print(f"    now {h.level}: drift {h.drift or '-'}, performance {h.performance or '-'}", highlight=False)
-            for a in res.new:
-                if a.level == 'breach' or a.kind == 'performance': console.print(f"    alert ({a.level}): {a.message}", highlight=False)
-            quiet = len([a for a in res.new if a.level != 'breach' and a.kind != 'performance'])
-            if quiet: console.print(f"    and {quiet} drift warnings (nbprod monitor alerts --profile replay)")
+                console.print(f"    {NAMES[m]} is {h.level}: drift {h.drift or '-'}, performance {h.performance or '-'}", highlight=False)
+            found = {}
+            for a in res.new: found.setdefault((a.kind, a.level), []).append(a)
+            for (kind, level), alerts in sorted(found.items()):
+                what = ', '.join(a.subject for a in alerts) if kind == 'drift' else '; '.join(a.message for a in alerts)
+                console.print(f"    new {kind} alerts ({level}): {what}", highlight=False)
         if late is not None: send_labels(url, key, late)
         time.sleep(max(0, s.canary_watch_s - 5))
         res = check(s, on_step=step)                           # the last labels, and a canary still under watch
