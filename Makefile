@@ -1,5 +1,5 @@
 # nbprod: two commands on a fresh machine.
-#   make demo   the bike-share pipeline end to end on the embedded default (local Ray, MLflow on SQLite)
+#   make demo   the bike-share pipeline end to end on the embedded default (local Ray, MLflow on SQLite), served, replayed
 #   make test   the whole suite: export drift, clean notebooks, notebook tests, pytest, docs, the example
 # Everything installs from the committed lock file (requirements.lock) into .venv/.
 
@@ -64,15 +64,17 @@ example: install  ## the bike-share example's own suite: export drift, notebook 
 
 test: check-export nbtest pytest docs example  ## the whole suite
 
-demo: install  ## the bike-share pipeline on local Ray, tracked in MLflow; then its champion served and asked about July
+demo: install  ## the bike-share pipeline on local Ray, tracked in MLflow; its champion served and asked about July; then July-December replayed
 	cd $(EXAMPLE) && $(abspath $(BIN))/nbprod run train
 	cd $(EXAMPLE) && $(abspath $(BIN))/python scripts/try_endpoint.py
+	cd $(EXAMPLE) && $(abspath $(BIN))/python scripts/replay.py
 	@echo
 	@echo "next, in $(EXAMPLE) (with $(abspath $(BIN)) on PATH):"
 	@echo "  nbprod runs                                       # the pipeline run and its steps"
 	@echo "  nbprod serve                                      # the champion on http://127.0.0.1:8000 (nbprod keys create NAME)"
 	@echo "  nbprod run train -p learning_rate=0.05            # ingest and features are cached; train and evaluate re-run"
 	@echo "  nbprod sweep nbs/02_train.ipynb -p learning_rate=0.05,0.1,0.2 -p max_leaf_nodes=15,31 --sort val_rmse"
+	@echo "  nbprod monitor history bikeshare --profile replay # the replay's retrain loops, step by step"
 	@echo "  mlflow ui --backend-store-uri sqlite:///.nbprod/mlflow.db    # runs, nested steps, the registered model"
 
 lab: install  ## JupyterLab on the project's own kernel

@@ -581,8 +581,9 @@ def monitor_performance(model: Annotated[str, typer.Argument(help="A served mode
         return
     t = Table(box=None, title=f"{model}: {table.metric.iloc[0]} against a baseline of {table.baseline.iloc[0]:.4g}", title_justify='left')
     for col in ('window', 'version', 'labels', table.metric.iloc[0], 'status'): t.add_column(col, no_wrap=True)
+    fmt = '%m-%d %H:%M' if all(w.second == 0 for w in table.window) else '%m-%d %H:%M:%S'   # windows shorter than a minute: their seconds
     for r in table.itertuples():
-        t.add_row(str(r.window)[:16], str(r.version), f"{r.labels:,}", f"{r.value:.4g}", _LEVEL_CELL.get(r.status, r.status))
+        t.add_row(r.window.strftime(fmt), str(r.version), f"{r.labels:,}", f"{r.value:.4g}", _LEVEL_CELL.get(r.status, r.status))
     out.print(t, highlight=False)
 
 # %% ../nbs/10_cli.ipynb #23f50a48
