@@ -196,3 +196,45 @@ def test_check_alerts_webhook_labels_and_exit_codes(tmp_path_factory, tmp_path):
     assert r.returncode == 2 and 'not delivered' in r.stderr and 'sent again by the next check' in r.stderr, r.stdout + r.stderr
     r = p.cli('monitor', 'check', 'taxi')
     assert r.returncode == 2 and "no served model 'taxi'" in r.stderr
+
+
+def test_whylogs_needs_the_patch_and_nbprod_applies_it():
+    "In a fresh interpreter: whylogs alone fails on numpy 2 at its first text column; through nbprod.profiles it works."
+    import sys
+    code = '''import os, sys
+os.environ["WHYLOGS_NO_ANALYTICS"] = "True"
+import numpy, pandas as pd
+df = pd.DataFrame({"city": ["Paris", "Lyon"], "t": [1.5, 2.5]})
+if sys.argv[1] == "plain":
+    import whylogs
+    try: whylogs.log(df)
+    except AttributeError as e: print("FAILS", e)
+    else: print("WORKS")
+else:
+    from nbprod.profiles import profile
+    p = profile(df)
+    print("WORKS", p.rows, sorted(p.columns), hasattr(numpy, "unicode_"))'''
+    plain = subprocess.run([sys.executable, '-c', code, 'plain'], capture_output=True, text=True, timeout=120)
+    patched = subprocess.run([sys.executable, '-c', code, 'nbprod'], capture_output=True, text=True, timeout=120)
+    import numpy
+    if numpy.__version__.startswith('1.'): pytest.skip("numpy 1 has np.unicode_: nothing to patch")
+    assert plain.stdout.startswith('FAILS') and 'unicode_' in plain.stdout, plain.stdout + plain.stderr   # still needed
+    assert patched.stdout.split() == ['WORKS', '2', "['city',", "'t']", 'False'], patched.stdout + patched.stderr   # numpy itself untouched
+
+
+def test_drift_on_a_shifted_july_not_on_a_random_split_of_july():
+    "July 2011 of the bike-share data, with the bike-share project's rules (Hellinger, warn 0.2, drift 0.4)."
+    from pathlib import Path
+    from nbprod.profiles import DriftRule, drift, overall, profile
+    raw = pd.read_csv(Path(__file__).resolve().parents[1]/'examples'/'bikeshare'/'data'/'Bikeshare.csv')
+    july = raw[raw.mnth == 'July'][['temp', 'atemp', 'hum', 'windspeed', 'hr', 'workingday']].reset_index(drop=True)
+    assert len(july) == 744
+    rule = DriftRule('hellinger', warn=0.2, drift=0.4)
+    statuses = []
+    for seed in range(20):
+        idx = np.random.default_rng(seed).permutation(len(july))
+        a, b = july.iloc[idx[:372]], july.iloc[idx[372:]]
+        statuses.append(overall(drift(profile(b), profile(a), default=rule)))
+        moved = overall(drift(profile(b.assign(temp=b.temp + 0.15, atemp=b.atemp + 0.15)), profile(a), default=rule))
+        assert moved == 'DRIFT', (seed, moved)                   # a hotter copy drifts, every time
+    assert 'DRIFT' not in statuses, statuses                     # halves of the same month never do
