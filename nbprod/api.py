@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'Variant', 'ServedModel', 'request_id', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'build_app']
 
-# %% ../nbs/19_api.ipynb #da8c002d
+# %% ../nbs/19_api.ipynb #0317326c
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
 import asyncio, hashlib, json, logging, random, re, time, uuid
 import numpy as np
@@ -17,7 +17,7 @@ from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
 
-# %% ../nbs/19_api.ipynb #c13d8899
+# %% ../nbs/19_api.ipynb #53b6c8c1
 @dataclass
 class Variant:
     "One version of a model behind an alias, with its share of the traffic."
@@ -59,7 +59,7 @@ class ServedModel:
             if u < acc: return v
         return live[-1]
 
-# %% ../nbs/19_api.ipynb #f9e96aad
+# %% ../nbs/19_api.ipynb #5bf1e650
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
 
 def request_id(given:str|None) -> str:
@@ -140,7 +140,6 @@ class Endpoint:
             if (audit := self._audit(model)) is not None:
                 shadow = Variant(f"shadow:{model.shadow.alias}", model.shadow.version, None)
                 await audit.write(self._records(model, shadow, rows, outputs, rid, client_id, key, t0))
-            self._profile(model, model.shadow, rows, outputs)
         except Exception: log.exception("shadow prediction of %s failed (request %s)", model.name, rid)
 
     async def feedback(self, body:bytes, authorization:str|None) -> dict:
@@ -177,7 +176,7 @@ class Endpoint:
                  'inputs': [{'name': f.name, 'type': f.type, 'required': f.required} for f in m.validator.fields],
                  'max_records': m.validator.max_records} for m in self.models.values()]
 
-# %% ../nbs/19_api.ipynb #d08934c2
+# %% ../nbs/19_api.ipynb #626af6b4
 class Metrics:
     "Request counts, errors and latency of one endpoint process, for `GET /metrics`."
     _FAMILIES = {'nbprod_requests': ('counter', "Prediction requests answered"),
@@ -246,7 +245,7 @@ class Metrics:
         registry.register(_All())
         return generate_latest(registry)
 
-# %% ../nbs/19_api.ipynb #fc5bb872
+# %% ../nbs/19_api.ipynb #e3bae722
 _FAST_ROUTE = re.compile(r'^/v1/models/([^/]+)/(predict|explain)$')
 _JSON = 'application/json'
 

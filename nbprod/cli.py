@@ -506,7 +506,7 @@ _LEVEL_CELL = {'ok': '[green]ok[/green]', 'warning': '[yellow]warning[/yellow]',
 @monitor_app.command('check', epilog="[dim]nbprod monitor check || notify-someone   # cron: exit 0 healthy, 1 warning, 2 breach[/dim]")
 def monitor_check(models: Annotated[Optional[list[str]], typer.Argument(help="Served models to check (default: all).", show_default=False)] = None,
                   profile: ProfileOpt = None):
-    "Check drift, performance and staleness of served models; record and send new alerts. Exit 0 healthy, 1 warning, 2 breach."
+    "Check drift, performance and staleness of served models; record and send new alerts. Exit 0 healthy, 1 warning, 2 breach, 3 could not check."
     from nbprod.alerts import check
     from nbprod.settings import load_settings
     try: res = check(load_settings(profile=profile), models or None, on_step=_print_step)

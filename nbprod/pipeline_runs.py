@@ -175,15 +175,18 @@ def _run_steps(pipe:Pipeline, settings:Settings, client, rid:str, force:bool, re
             client.set_terminated(oc.run_id, 'FAILED')
             return Outcome('FAILED', oc.run_id, oc.metrics, oc.output_notebook, oc.html, oc.duration, message=msg,
                            hint=f"write the products where [tool.nbprod.pipelines.{pipe.name}.steps.{job.key}] says (relative to the project root)")
-        client.set_tag(oc.run_id, PRODUCTS_TAG, json.dumps(made))
-        reports = gate(settings, step.products)   # the data checks of what it wrote: bad data stops here
+        try: reports = gate(settings, step.products)   # the data checks of what it wrote: bad data stops here
+        except Exception as e:   # a file the check cannot read fails the step too (and is never cached as good)
+            reports,broken = [],f"{type(e).__name__}: {getattr(e, 'message', e)}"
+        else: broken = None
         if reports: client.log_dict(oc.run_id, [r.to_dict() for r in reports], 'nbprod/data_checks.json')
-        if failed := [r for r in reports if not r.passed]:
-            msg = "data checks failed: " + "; ".join(r.text() for r in failed)
+        if broken or (failed := [r for r in reports if not r.passed]):
+            msg = f"data checks could not run: {broken}" if broken else "data checks failed: " + "; ".join(r.text() for r in failed)
             client.set_tag(oc.run_id, 'nbprod.error', msg[:5000])
             client.set_terminated(oc.run_id, 'FAILED')
             return Outcome('FAILED', oc.run_id, oc.metrics, oc.output_notebook, oc.html, oc.duration, message=msg,
                            hint="fix the data or the step that writes it (the report is the step run's nbprod/data_checks.json), then resume")
+        client.set_tag(oc.run_id, PRODUCTS_TAG, json.dumps(made))   # only now: a step whose data failed its checks is never cached
         return oc
     recorded = set()
     def update(states):

@@ -114,6 +114,7 @@ def main():
             late = month[month.day > cut]
             served = ', '.join(f"v{v}: {n}" for v, n in sorted(pd.Series(versions).value_counts().items()))
             console.print(f"[bold]{NAMES[m]}[/bold]: {len(month)} hours predicted ({served}), {labelled} labels arrived")
+            time.sleep(max(0, s.profile_window_s - time.time() % s.profile_window_s + 0.5))   # drift judges finished windows
             res = check(s, on_step=step)
             for h in res.models:
                 console.print(f"    {NAMES[m]} is {h.level}: drift {h.drift or '-'}, performance {h.performance or '-'}", highlight=False)
