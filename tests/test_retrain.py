@@ -104,6 +104,13 @@ def traffic(p, n, offset, seed):
     return versions
 
 
+def two_windows(p, offset, seeds):
+    "40 labelled predictions in each of two fresh windows: the newer is the loop's holdout, the older its training data."
+    for seed in seeds:
+        next_window()
+        traffic(p, 40, offset, seed)
+
+
 def next_window():
     "Sleep into the next profile window (windows start at multiples of WINDOW seconds)."
     time.sleep(WINDOW - time.time() % WINDOW + 0.2)
@@ -129,10 +136,7 @@ def loop_id(r):
 
 def test_1_breach_retrains_canaries_and_promotes(loop):
     p = loop
-    next_window()
-    traffic(p, 40, 5.0, 1)
-    next_window()
-    traffic(p, 40, 5.0, 2)
+    two_windows(p, 5.0, (1, 2))
     r = p.cli('monitor', 'check', timeout=600)
     out = ' '.join(r.stdout.split())
     assert r.returncode == 2, r.stdout + r.stderr                           # a performance breach
@@ -160,10 +164,7 @@ def test_1_breach_retrains_canaries_and_promotes(loop):
 
 def test_2_a_canary_worse_on_live_labels_is_rolled_back(loop):
     p = loop
-    next_window()
-    traffic(p, 40, 10.0, 5)
-    next_window()
-    traffic(p, 40, 10.0, 6)
+    two_windows(p, 10.0, (5, 6))
     r = p.cli('monitor', 'check', timeout=600)
     assert r.returncode == 2 and 'canary' in r.stdout, r.stdout + r.stderr
     lp = loop_id(r)
@@ -198,10 +199,7 @@ def test_3_a_worse_model_is_rejected_before_any_canary(loop):
 def test_4_approval_mode_asks_a_person(loop):
     p = loop
     env = p.env(NBPROD_RETRAIN='approve')
-    next_window()
-    traffic(p, 40, 10.0, 9)
-    next_window()
-    traffic(p, 40, 10.0, 10)
+    two_windows(p, 10.0, (9, 10))
     r = p.cli('monitor', 'retrain', 'bikes', env=env, timeout=600)
     assert r.returncode == 0 and 'nbprod monitor approve' in r.stdout, r.stdout + r.stderr
     lp = history(p)[-1].loop
