@@ -1,0 +1,1 @@
+"The dashboard's pages (generated; see ../__init__.py)."
