@@ -4,6 +4,7 @@
 import streamlit as st
 from nbprod import appkit
 display = appkit.show
+from nbprod.dashboard import *   # what the notebook exports (nbdev), as its cells saw it
 
 # ── cell 25 ──
 from pathlib import Path

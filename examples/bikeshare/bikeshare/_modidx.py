@@ -18,4 +18,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'bikeshare.features': { 'bikeshare.features.cyclical': ('features.html#cyclical', 'bikeshare/features.py'),
                                     'bikeshare.features.make_features': ('features.html#make_features', 'bikeshare/features.py'),
                                     'bikeshare.features.make_model': ('features.html#make_model', 'bikeshare/features.py'),
-                                    'bikeshare.features.target': ('features.html#target', 'bikeshare/features.py')}}}
+                                    'bikeshare.features.target': ('features.html#target', 'bikeshare/features.py')},
+            'bikeshare.forecast': { 'bikeshare.forecast.forecast': ('forecast.html#forecast', 'bikeshare/forecast.py'),
+                                    'bikeshare.forecast.history': ('forecast.html#history', 'bikeshare/forecast.py'),
+                                    'bikeshare.forecast.raw_path': ('forecast.html#raw_path', 'bikeshare/forecast.py'),
+                                    'bikeshare.forecast.typical_day': ('forecast.html#typical_day', 'bikeshare/forecast.py')}}}
