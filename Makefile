@@ -26,16 +26,17 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP) sysdeps  ## create .venv and install the locked dependencies
 
-# Debian packages nbprod uses when present: haproxy (Ray Serve's fast HTTP path; without it, Serve's own proxy), wrk (benchmarks/serve.py)
-DEBS := haproxy wrk
+# Debian packages nbprod uses: haproxy (Ray Serve's fast HTTP path; without it, Serve's own proxy), wrk (benchmarks/serve.py),
+# chromium (the dashboard's browser tests and benchmark, driven by Playwright; never a downloaded browser)
+DEBS := haproxy wrk chromium
 sysdeps:  ## install the Debian packages above when missing (needs root and apt; otherwise says what is missing)
 	@missing=$$(for p in $(DEBS); do command -v $$p >/dev/null || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $$missing (apt-get)"; \
 	    (apt-get install -y -qq $$missing >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null)) \
-	      || echo "warning: could not install $$missing; nbprod serve falls back to Ray Serve's default proxy"; \
-	  else echo "warning: $$missing not installed (needs root and apt-get); nbprod serve falls back to Ray Serve's default proxy"; fi; \
+	      || echo "warning: could not install $$missing: nbprod serve falls back to Ray Serve's default proxy; the browser tests need chromium"; \
+	  else echo "warning: $$missing not installed (needs root and apt-get): nbprod serve falls back to Ray Serve's default proxy; the browser tests need chromium"; fi; \
 	fi
 
 lock:  ## re-resolve requirements.lock from pyproject.toml (needs the index)
@@ -64,10 +65,11 @@ example: install  ## the bike-share example's own suite: export drift, notebook 
 
 test: check-export nbtest pytest docs example  ## the whole suite
 
-demo: install  ## the bike-share pipeline on local Ray, tracked in MLflow; its champion served and asked about July; then July-December replayed
+demo: install  ## the bike-share pipeline on local Ray, tracked in MLflow; its champion served and asked about July; July-December replayed; the dashboard
 	cd $(EXAMPLE) && $(abspath $(BIN))/nbprod run train
 	cd $(EXAMPLE) && $(abspath $(BIN))/python scripts/try_endpoint.py
 	cd $(EXAMPLE) && $(abspath $(BIN))/python scripts/replay.py
+	cd $(EXAMPLE) && ($(abspath $(BIN))/nbprod dashboard --profile replay --stop >/dev/null; $(abspath $(BIN))/nbprod dashboard --profile replay --detach)
 	@echo
 	@echo "next, in $(EXAMPLE) (with $(abspath $(BIN)) on PATH):"
 	@echo "  nbprod runs                                       # the pipeline run and its steps"
@@ -76,6 +78,9 @@ demo: install  ## the bike-share pipeline on local Ray, tracked in MLflow; its c
 	@echo "  nbprod sweep nbs/02_train.ipynb -p learning_rate=0.05,0.1,0.2 -p max_leaf_nodes=15,31 --sort val_rmse"
 	@echo "  nbprod monitor history bikeshare --profile replay # the replay's retrain loops, step by step"
 	@echo "  mlflow ui --backend-store-uri sqlite:///.nbprod/mlflow.db    # runs, nested steps, the registered model"
+	@echo "  nbprod dashboard --profile replay --stop          # stops the dashboard started above"
+	@echo
+	@echo "the dashboard of the replay: $$(cd $(EXAMPLE) && $(abspath $(BIN))/python -c 'from nbprod.dashboard_server import running; from nbprod.settings import load_settings; print(running(load_settings(profile="replay"))["url"])')"
 
 lab: install  ## JupyterLab on the project's own kernel
 	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir nbs

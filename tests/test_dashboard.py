@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from dashboard_store import fill  # noqa: E402
 
-ENTRY = Path(__file__).resolve().parents[1]/'apps'/'dashboard.py'
+ENTRY = Path(__file__).resolve().parents[1]/'apps'/'dashboard'/'app.py'
 
 
 @pytest.fixture(scope='module')
@@ -59,7 +59,7 @@ def test_every_page_on_a_filled_store(app, store):
     assert served.model.tolist() == ['bikes'] and served.champion.tolist() == ['3'] and served.challenger.tolist() == ['4']
     assert kinds(at).get('vega_lite_chart') == 1                       # runs per day
 
-    at.switch_page('pages/runs.py').run()
+    at.switch_page('runs.py').run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
     assert len(table) == 30 and {'kind', 'status', 'params.lr', 'metrics.val_mae'} <= set(table.columns)
@@ -76,7 +76,7 @@ def test_every_page_on_a_filled_store(app, store):
     at.text_input(key='f_text').set_value('lr=0.2').run()
     assert set(at.dataframe[0].value['params.lr']) == {'0.2'}
 
-    at.switch_page('pages/models.py').run()
+    at.switch_page('models.py').run()
     assert not at.exception, at.exception
     versions = at.dataframe[0].value
     assert versions.version.tolist() == ['4', '3', '2', '1'] and versions.aliases.tolist()[:2] == ['challenger', 'champion']
@@ -85,26 +85,26 @@ def test_every_page_on_a_filled_store(app, store):
     assert {x.label for x in at.metric} >= {'run', 'notebook', 'git commit'}
     assert 'Training data profile' in texts(at) and kinds(at).get('vega_lite_chart') == 2   # alias timeline, metrics compared
 
-    at.switch_page('pages/serving.py').run()
+    at.switch_page('serving.py').run()
     assert not at.exception, at.exception
     m = {x.label: x.value for x in at.metric}
     assert m['requests'] == f"{12 * 60 + 3 * 2:,}" and m['errors'] == '6', m
     assert kinds(at).get('vega_lite_chart') == 3                       # requests/s, latency, errors
 
-    at.switch_page('pages/drift.py').run()
+    at.switch_page('drift.py').run()
     assert not at.exception, at.exception
     assert kinds(at).get('vega_lite_chart') == 3                       # heatmap, distribution, performance
     perf = at.dataframe[0].value
     assert perf.labels.sum() == 100 and set(perf.metric) == {'mae'}
 
-    at.switch_page('pages/alerts.py').run()
+    at.switch_page('alerts.py').run()
     assert not at.exception, at.exception
     alerts = at.dataframe[0].value
     assert sorted(alerts.subject) == ['mae', 'temp']
     assert 'waits for a decision' in texts(at) and 'needs a logged-in user' in texts(at)
     assert not [b for b in at.button if b.label in ('Approve', 'Veto')]   # no login, no approval
 
-    at.switch_page('pages/audit.py').run()
+    at.switch_page('audit.py').run()
     at.text_input(key='audit_rid').set_value('req-0-0').run()
     assert not at.exception, at.exception
     m = {x.label: x.value for x in at.metric}
@@ -122,12 +122,15 @@ def test_approval_needs_a_login_and_names_the_user(app, store, monkeypatch):
     monkeypatch.setenv('NBPROD_DASHBOARD_PASSWORD', 'ana:s3cret,bo:hunter2')
     at = app().run()
     assert not at.metric and at.text_input(key='login_user') is not None      # nothing shown before the login
+    at.switch_page('alerts.py').run()                                        # nor on another page
+    assert [t.value for t in at.title] == ['nbprod'] and not at.dataframe
+    assert [b.label for b in at.button] == ['Log in']
     at.text_input(key='login_user').set_value('bo'); at.text_input(key='login_password').set_value('s3cret'); at.button[0].click().run()
     assert at.error[0].value == 'wrong user or password' and not at.metric
     at.text_input(key='login_user').set_value('ana'); at.text_input(key='login_password').set_value('s3cret'); at.button[0].click().run()
     assert not at.exception, at.exception
-    assert at.metric and any('logged in as **ana**' in c.value for c in at.sidebar.caption)
-    at.switch_page('pages/alerts.py').run()
+    assert [t.value for t in at.title] == ['Alerts and decisions'] and any('logged in as **ana**' in c.value for c in at.sidebar.caption)
+    at.switch_page('alerts.py').run()
     loop = '20260801-0000-ab12'
     at.text_input(key=f"note_{loop}").set_value('looks right').run()
     at.button(key=f"approve_{loop}").click().run()
@@ -155,23 +158,55 @@ def test_cli_refuses_an_open_dashboard_without_a_login(store):
 
 
 def test_cli_serves_until_sigterm(store):
+    import threading
     from nbprod.serving import free_port
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith('NBPROD_')}
     p = subprocess.Popen([str(Path(sys.executable).parent/'nbprod'), 'dashboard', '--port', str(port)], cwd=store.root,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, 'COLUMNS': '200'})
+    lines, ready = [], threading.Event()
+    def read():
+        for line in p.stdout:
+            lines.append(line)
+            if 'Ctrl-C stops' in line: ready.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read() == b'ok': break
-            except OSError: time.sleep(0.3)
-        else: pytest.fail("the dashboard did not answer within 60 s")
+        assert ready.wait(60), f"no URL printed within 60 s: {''.join(lines)}"
+        assert f"on http://127.0.0.1:{port}" in ''.join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as r: assert r.read() == b'ok'
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r: assert b'<div id="root">' in r.read()
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=40)
-        assert p.returncode == 0 and f"on http://127.0.0.1:{port}" in out, (out, err)
+        assert p.wait(30) == 0, p.stderr.read()
+        reader.join(10)
+        assert 'stopping...' in p.stderr.read()
     finally:
         if p.poll() is None: p.kill()
     with pytest.raises(OSError): urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+
+
+def test_the_server_ends_when_the_cli_is_killed(store):
+    "A `nbprod dashboard` killed outright (SIGKILL) leaves no Streamlit server behind."
+    from nbprod.serving import free_port
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith('NBPROD_')}
+    p = subprocess.Popen([str(Path(sys.executable).parent/'nbprod'), 'dashboard', '--port', str(port)], cwd=store.root,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read() == b'ok': break
+            except OSError: pass
+            assert time.monotonic() < deadline, "the dashboard did not answer within 60 s"
+            time.sleep(0.3)
+        p.kill(); p.wait()
+        deadline = time.monotonic() + 20
+        while True:
+            try: urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+            except OSError: break
+            assert time.monotonic() < deadline, "the Streamlit server outlived nbprod dashboard by 20 s"
+            time.sleep(0.3)
+    finally:
+        if p.poll() is None: p.kill()

@@ -1,23 +1,12 @@
 """The replay as `make demo` runs it, on two months: July and August 2011 served to a real endpoint (`nbprod serve`) in a
-copy of the project, labels a week late, `nbprod monitor check` after each month. July's temperatures are far from
+copy of the project (the session's `replayed` fixture, conftest.py), labels a week late, `nbprod monitor check` after each month. July's temperatures are far from
 January to June's: drift alerts, a retrain loop that has nothing to learn from yet; August: a loop that retrains on July."""
-import json, os, shutil, subprocess, sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+import json
 
 
-def test_replay_two_months(tmp_path):
-    from nbprod.serving import free_port
-    root = tmp_path/'bikeshare'
-    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns('.nbprod', '.nbprod-replay', 'processed', 'reports', '__pycache__',
-                                                              '.pytest_cache', '.ipynb_checkpoints', '.venv', 'build'))
-    env = {k: v for k, v in os.environ.items() if not k.startswith('NBPROD_')}
-    env.update(COLUMNS='200', NO_COLOR='1', NBPROD_SERVE_PORT=str(free_port()))
-    r = subprocess.run([sys.executable, 'scripts/replay.py', '--months', '7,8'], cwd=root, capture_output=True, text=True,
-                       timeout=1200, env=env)
+def test_replay_two_months(replayed):
+    root, r = replayed
     out = ' '.join(r.stdout.split())
-    assert r.returncode == 0, r.stdout + r.stderr
     assert 'July: 744 hours predicted (v1: 744), 576 labels arrived' in out, out      # the last week's labels come with August
     assert 'Aug: 731 hours predicted' in out and '744 labels arrived' in out, out
     assert 'new drift alerts (breach): temp, atemp' in out, out                       # the summer is hotter than the spring

@@ -1,0 +1,1 @@
+"The dashboard's entry (app.py) and pages (generated; see ../__init__.py)."

@@ -1,1 +1,0 @@
-"The dashboard's pages (generated; see ../__init__.py)."
