@@ -87,8 +87,12 @@ def test_every_page_on_a_filled_store(app, store):
 
     at.switch_page('serving.py').run()
     assert not at.exception, at.exception
+    assert 'No traffic in the last 500 buckets' in texts(at)               # the fill's traffic is from July
+    at.selectbox(key='bucket').set_value('1 day').run()
     m = {x.label: x.value for x in at.metric}
     assert m['requests'] == f"{12 * 60 + 3 * 2:,}" and m['errors'] == '6', m
+    assert 4.0 <= float(m['p50 (median of buckets)'].split()[0]) <= 10.0, m      # gamma(2, 4 ms): a median near 6.7 ms
+    assert float(m['p99 (worst bucket)'].split()[0]) >= 25.0, m                   # the 50 ms errors and the gamma's tail
     assert kinds(at).get('vega_lite_chart') == 3                       # requests/s, latency, errors
 
     at.switch_page('drift.py').run()
@@ -153,6 +157,9 @@ def test_cli_refuses_an_open_dashboard_without_a_login(store):
     assert r.returncode == 2 and 'NBPROD_DASHBOARD_PASSWORD is empty' in r.stderr, r.stderr
     r = subprocess.run([nbprod, 'dashboard'], cwd=store.root, capture_output=True, text=True,
                        env={**env, 'COLUMNS': '200', 'NBPROD_DASHBOARD_AUTH': 'oidc'})
+    assert r.returncode == 2 and 'dashboard_auth = oidc needs dashboard_allowed' in r.stderr, r.stderr
+    r = subprocess.run([nbprod, 'dashboard'], cwd=store.root, capture_output=True, text=True,
+                       env={**env, 'COLUMNS': '200', 'NBPROD_DASHBOARD_AUTH': 'oidc', 'NBPROD_DASHBOARD_ALLOWED': '@example.com'})
     assert r.returncode == 2 and 'dashboard_auth = oidc needs dashboard_oidc_secrets' in r.stderr, r.stderr
     assert not (store.store/'dashboard'/'dashboard.json').exists()
 
@@ -210,3 +217,35 @@ def test_the_server_ends_when_the_cli_is_killed(store):
             time.sleep(0.3)
     finally:
         if p.poll() is None: p.kill()
+
+
+def test_a_server_open_to_the_network_shows_nothing_without_a_login(store):
+    "`streamlit run` of the dashboard by hand listens on every interface: with dashboard_auth = none, a browser gets only the refusal."
+    from playwright.sync_api import sync_playwright
+    from nbprod.serving import free_port
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith('NBPROD_')}, 'NBPROD_PROJECT': str(store.root)}
+    p = subprocess.Popen([sys.executable, '-m', 'streamlit', 'run', str(ENTRY), '--server.port', str(port), '--server.headless', 'true',
+                          '--browser.gatherUsageStats', 'false'], cwd=store.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read() == b'ok': break
+            except OSError: pass
+            assert time.monotonic() < deadline, "streamlit did not answer within 60 s"
+            time.sleep(0.3)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path='/usr/bin/chromium', headless=True, args=['--no-sandbox'])
+            page = browser.new_page()
+            for path in ('', 'runs', 'alerts'):
+                page.goto(f"http://127.0.0.1:{port}/{path}")
+                page.get_by_text('listens beyond this machine without a login').wait_for(timeout=60_000)
+                page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+                assert page.get_by_text('Models in production').count() == 0 and page.get_by_text('open a run').count() == 0
+            browser.close()
+    finally:
+        p.terminate()
+        try: p.wait(15)
+        except subprocess.TimeoutExpired: p.kill()

@@ -113,13 +113,14 @@ def test_every_page_on_the_replayed_store(app, replayed):
     at.switch_page(os.path.relpath(root/'apps'/'pages'/'forecast.py', Path(nbprod_apps.__file__).parent/'dashboard')).run()
     assert not at.exception, at.exception
     assert 'bikes an hour' in shown(at) and kinds(at).get('vega_lite_chart') == 1
-    at.selectbox(key='weathersit').set_value('light rain/snow'); at.slider(key='hr').set_value(8); at.button[0].click().run()
+    run = next(b for b in at.button if b.label == 'Run')              # the form's button (the sidebar also has Reload data)
+    at.selectbox(key='weathersit').set_value('light rain/snow'); at.slider(key='hr').set_value(8); run.click().run()
     assert 'expected at 8:00' in shown(at) and 'light rain/snow weather' in shown(at)
 
 
-PAGES = [('', 'overview', ['Models in production', 'bikeshare'], True), ('runs', 'runs', ['open a run'], False),
+PAGES = [('', 'overview', ['Models in production', 'bikeshare', 'drifted'], True), ('runs', 'runs', ['open a run'], False),
          ('models', 'models', ['Alias history', 'Lineage'], True), ('serving', 'serving', ['Requests per second'], True),
-         ('drift', 'drift', ['Performance on labelled answers'], True), ('alerts', 'alerts', ['Retrain decisions', 'drifted'], True),
+         ('drift', 'drift', ['Performance on labelled answers'], True), ('alerts', 'alerts', ['Retrain decisions', 'Alerts'], True),
          ('audit?request_id={rid}', 'audit', ['Inputs', 'bikeshare'], False), ('app-forecast', 'forecast', ['bikes an hour'], True)]
 
 
@@ -134,11 +135,12 @@ def test_every_page_in_a_real_browser(replayed):
     rid = read_audit(s.store/'audit', 'bikeshare').request_id.iloc[0]
     nbprod = str(Path(sys.executable).parent/'nbprod')
     port = free_port()
-    r = subprocess.run([nbprod, 'dashboard', '--profile', 'replay', '--detach', '--port', str(port)], cwd=root, capture_output=True, text=True,
-                       env=clean_env(), timeout=120)
-    assert r.returncode == 0 and f"http://127.0.0.1:{port}" in r.stdout, r.stdout + r.stderr
+    for old in OUTPUT.glob('*.png'): old.unlink()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     try:
+        r = subprocess.run([nbprod, 'dashboard', '--profile', 'replay', '--detach', '--port', str(port)], cwd=root, capture_output=True,
+                           text=True, env=clean_env(), timeout=120)
+        assert r.returncode == 0 and f"http://127.0.0.1:{port}" in r.stdout, r.stdout + r.stderr
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=['--no-sandbox'])
             page = browser.new_page(viewport={'width': 1400, 'height': 1000})
@@ -146,11 +148,15 @@ def test_every_page_in_a_real_browser(replayed):
                 page.goto(f"http://127.0.0.1:{port}/{path.format(rid=rid)}")
                 for t in texts: page.get_by_text(t).first.wait_for(timeout=60_000)
                 if chart: page.locator('.vega-embed canvas, .vega-embed svg').first.wait_for(timeout=60_000)
-                page.wait_for_timeout(500)                         # let the charts finish drawing before the picture
-                assert not page.get_by_text('Traceback').count(), name
+                # the script has run to its end (Streamlit's "Running..." widget is gone), then the charts draw
+                page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+                page.wait_for_timeout(500)
+                assert page.locator('[data-testid=stException]').count() == 0, f"{name}: {page.locator('[data-testid=stException]').first.inner_text()}"
                 page.screenshot(path=str(OUTPUT/f"{name}.png"), full_page=True)
             browser.close()
     finally:
-        subprocess.run([nbprod, 'dashboard', '--profile', 'replay', '--stop'], cwd=root, capture_output=True, text=True, env=clean_env(), timeout=60)
-    assert sorted(p.name for p in OUTPUT.glob('*.png')) >= sorted(f"{n}.png" for _, n, _, _ in PAGES)
-    assert all((OUTPUT/f"{n}.png").stat().st_size > 20_000 for _, n, _, _ in PAGES)     # a picture of a page, not of a blank one
+        stop = subprocess.run([nbprod, 'dashboard', '--profile', 'replay', '--stop'], cwd=root, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert 'stopped the dashboard' in stop.stdout, stop.stdout + stop.stderr
+    shots = {p.name: p.stat().st_size for p in OUTPUT.glob('*.png')}
+    assert set(shots) == {f"{n}.png" for _, n, _, _ in PAGES}, shots
+    assert min(shots.values()) > 20_000, shots          # a picture of a page, not of a blank one
