@@ -4,7 +4,7 @@ Used by tests/test_dashboard.py (small) and benchmarks/dashboard.py (1,000 runs,
 Runs and model versions go through MLflow's own client on SQLite; profiles, traffic counts, audit records, labels, alerts
 and decisions through nbprod's own writers. The bike-share example's tests show the same pages on a store filled by the
 real pipeline and replay."""
-import datetime, json, time
+import datetime, json
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ def frame(rng, n, shift=0.0):
 def fill(root: Path, runs: int = 30, versions: int = 4, windows: int = 12, awaiting: bool = True, seed: int = 0):
     "Write a project at `root` and fill its store; returns its Settings."
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from nbprod.aliases import move_alias
     from nbprod.alerts import Alert, AlertLog
     from nbprod.api import Metrics

@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dashboard_store import fill  # noqa: E402
+from nbprod.dashboard_server import wait_ready  # noqa: E402
 
 ENTRY = Path(__file__).resolve().parents[1]/'apps'/'dashboard'/'app.py'
 
@@ -200,14 +201,7 @@ def test_the_server_ends_when_the_cli_is_killed(store):
     p = subprocess.Popen([str(Path(sys.executable).parent/'nbprod'), 'dashboard', '--port', str(port)], cwd=store.root,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read() == b'ok': break
-            except OSError: pass
-            assert time.monotonic() < deadline, "the dashboard did not answer within 60 s"
-            time.sleep(0.3)
+        wait_ready(f"http://127.0.0.1:{port}", p)            # what `nbprod dashboard --detach` waits with
         p.kill(); p.wait()
         deadline = time.monotonic() + 20
         while True:
@@ -228,14 +222,7 @@ def test_a_server_open_to_the_network_shows_nothing_without_a_login(store):
     p = subprocess.Popen([sys.executable, '-m', 'streamlit', 'run', str(ENTRY), '--server.port', str(port), '--server.headless', 'true',
                           '--browser.gatherUsageStats', 'false'], cwd=store.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read() == b'ok': break
-            except OSError: pass
-            assert time.monotonic() < deadline, "streamlit did not answer within 60 s"
-            time.sleep(0.3)
+        wait_ready(f"http://127.0.0.1:{port}", p)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path='/usr/bin/chromium', headless=True, args=['--no-sandbox'])
             page = browser.new_page()

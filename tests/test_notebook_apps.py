@@ -1,8 +1,6 @@
 """Notebook -> Streamlit page, through the CLI: `nbprod apps` writes the page, `nbprod check` fails when it drifts from the
 notebook or is left from an app that is gone, bad annotations are refused naming the parameter and nothing is written,
 and the generated page renders in AppTest with a widget per parameter type (int, float, str, bool, list)."""
-import json
-
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell
 

@@ -2,7 +2,7 @@
 August 2011, labels, alerts, retrain loops): every page in Streamlit's AppTest, the project's forecast page, then all of
 them in a real browser (Debian's chromium, headless, driven by Playwright), with a screenshot of each page in
 tests/output/dashboard/."""
-import os, subprocess, sys, time
+import os, subprocess, sys
 from pathlib import Path
 
 import nbprod_apps
