@@ -9,6 +9,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
 STAMP := $(VENV)/.nbprod-installed
+# PyTorch's CPU build lies here on our machines (uv does not look there by itself); the lock names it torch==2.13.0+cpu
+WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: help sysdeps install lock export check-export nbtest pytest docs example test demo lab clean
@@ -19,7 +22,7 @@ help:  ## list the targets
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
-	$(BIN)/uv pip sync --compile-bytecode --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip sync --compile-bytecode --python $(BIN)/python $(FIND_LINKS) requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (nbprod)" >/dev/null
 	@touch $(STAMP)
@@ -40,7 +43,7 @@ sysdeps:  ## install the Debian packages above when missing (needs root and apt;
 	fi
 
 lock:  ## re-resolve requirements.lock from pyproject.toml (needs the index)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra torch --python-version 3.11 $(FIND_LINKS) -o requirements.lock
 
 export: install  ## notebooks -> nbprod/
 	$(BIN)/nbdev-export

@@ -22,4 +22,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'bikeshare.forecast': { 'bikeshare.forecast.forecast': ('forecast.html#forecast', 'bikeshare/forecast.py'),
                                     'bikeshare.forecast.history': ('forecast.html#history', 'bikeshare/forecast.py'),
                                     'bikeshare.forecast.raw_path': ('forecast.html#raw_path', 'bikeshare/forecast.py'),
-                                    'bikeshare.forecast.typical_day': ('forecast.html#typical_day', 'bikeshare/forecast.py')}}}
+                                    'bikeshare.forecast.typical_day': ('forecast.html#typical_day', 'bikeshare/forecast.py')},
+            'bikeshare.tuning': { 'bikeshare.tuning._model': ('tune.html#_model', 'bikeshare/tuning.py'),
+                                  'bikeshare.tuning.validate': ('tune.html#validate', 'bikeshare/tuning.py')}}}
