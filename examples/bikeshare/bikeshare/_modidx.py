@@ -23,5 +23,11 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'bikeshare.forecast.history': ('forecast.html#history', 'bikeshare/forecast.py'),
                                     'bikeshare.forecast.raw_path': ('forecast.html#raw_path', 'bikeshare/forecast.py'),
                                     'bikeshare.forecast.typical_day': ('forecast.html#typical_day', 'bikeshare/forecast.py')},
+            'bikeshare.nn': { 'bikeshare.nn.TabularNet': ('nn.html#tabularnet', 'bikeshare/nn.py'),
+                              'bikeshare.nn.TabularNet.__init__': ('nn.html#tabularnet.__init__', 'bikeshare/nn.py'),
+                              'bikeshare.nn.TabularNet.forward': ('nn.html#tabularnet.forward', 'bikeshare/nn.py'),
+                              'bikeshare.nn.split': ('nn.html#split', 'bikeshare/nn.py'),
+                              'bikeshare.nn.tensors': ('nn.html#tensors', 'bikeshare/nn.py'),
+                              'bikeshare.nn.train_loop': ('nn.html#train_loop', 'bikeshare/nn.py')},
             'bikeshare.tuning': { 'bikeshare.tuning._model': ('tune.html#_model', 'bikeshare/tuning.py'),
                                   'bikeshare.tuning.validate': ('tune.html#validate', 'bikeshare/tuning.py')}}}
