@@ -79,3 +79,38 @@ def test_champion_served_with_raw_july_records(copy):
 def _free_port():
     from nbprod.serving import free_port   # outside the ranges Ray takes its own ports from
     return free_port()
+
+
+def test_tabular_network_on_ray_train_registered_and_served_like_the_boosting(copy):
+    """After the pipeline: nbs/06_nn.ipynb trains the network on Ray Train (2 workers on CPU, data-parallel), logs it as a
+    version of bikeshare, and serving's loader answers raw July records through make_features with it, as with the champion."""
+    if not (copy/'data/processed/features_train.parquet').exists(): pytest.skip("needs the pipeline run of the first test")
+    r = nbprod(copy, 'run', 'nbs/06_nn.ipynb', '-p', 'epochs=12', '-p', 'alias=challenger')
+    assert r.returncode == 0, r.stdout + r.stderr
+    from nbprod.serving import load_served
+    from nbprod.settings import load_settings
+    from nbprod.store import tracking_client
+    s = load_settings(copy, env={})
+    client = tracking_client(s)
+    mv = client.get_model_version_by_alias('bikeshare', 'challenger')
+    run = client.get_run(mv.run_id)
+    assert run.data.params['train_workers'] == '2' and run.data.params['train_use_gpu'] == 'False'
+    assert run.data.metrics['val_r2'] > 0.7, run.data.metrics
+    # each epoch of rank 0, with its step; each worker trained on half of January to May
+    assert sorted({m.step for m in client.get_metric_history(mv.run_id, 'train_rmse')}) == list(range(12))
+    import pandas as pd
+    fit_rows = (pd.read_parquet(copy/'data/processed/features_train.parquet').month < 6).sum()
+    assert abs(run.data.metrics['worker_rows'] - fit_rows / 2) <= 1
+    assert run.data.tags['nbprod.reference_profile'] == 'nbprod/model/reference.bin'   # what drift is measured against
+    from mlflow.models import Model
+    assert 'pytorch' in Model.load(f"models:/bikeshare/{mv.version}").flavors
+    import sys
+    sys.path.insert(0, str(copy))
+    try:
+        from bikeshare.features import make_features
+        model, version = load_served('bikeshare', 'challenger', settings=s)
+        july = pd.read_parquet(copy/'data/processed/production.parquet').query('month == 7').head(24)
+        pred = model.predict(make_features(july))
+    finally: sys.path.remove(str(copy))
+    assert version == mv.version and pred.shape == (24,)
+    assert abs(pred.mean() - july.bikers.mean()) < july.bikers.mean(), (pred.mean(), july.bikers.mean())
