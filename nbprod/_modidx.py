@@ -130,6 +130,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'nbprod.cli._Live.update': ('cli.html#_live.update', 'nbprod/cli.py'),
                             'nbprod.cli._decide': ('cli.html#_decide', 'nbprod/cli.py'),
                             'nbprod.cli._fail': ('cli.html#_fail', 'nbprod/cli.py'),
+                            'nbprod.cli._interrupt_on_sigterm': ('cli.html#_interrupt_on_sigterm', 'nbprod/cli.py'),
                             'nbprod.cli._live': ('cli.html#_live', 'nbprod/cli.py'),
                             'nbprod.cli._metrics': ('cli.html#_metrics', 'nbprod/cli.py'),
                             'nbprod.cli._pipeline_summary': ('cli.html#_pipeline_summary', 'nbprod/cli.py'),

@@ -304,7 +304,7 @@ def test_notebook_target_cli(tmp_path):
     "Each trial is the notebook run by papermill: its output notebook stored; trials ASHA stops end KILLED, stored too."
     p = make_project(tmp_path/'nbproj')
     r = p.cli('tune', 'nb', timeout=600)
-    assert r.returncode in (0, 1), r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
     out = ' '.join(r.stdout.split())
     assert 'tune nb:' in out and 'run ' in out
     parent = [x for x in p.runs() if x.data.tags.get('nbprod.kind') == 'tune'][0]

@@ -1,6 +1,7 @@
 """The whole `train` pipeline as `make demo` runs it: `nbprod run train` in a copy of the project (a throwaway store),
 on the embedded default (a local Ray, MLflow on SQLite); then again, with every step cached."""
 import os, shutil, subprocess, sys
+import numpy as np
 from pathlib import Path
 import pytest
 
@@ -113,4 +114,6 @@ def test_tabular_network_on_ray_train_registered_and_served_like_the_boosting(co
         pred = model.predict(make_features(july))
     finally: sys.path.remove(str(copy))
     assert version == mv.version and pred.shape == (24,)
-    assert abs(pred.mean() - july.bikers.mean()) < july.bikers.mean(), (pred.mean(), july.bikers.mean())
+    # a day of July, unseen: the network's error is of the order of the boosting's (June RMSE about 46 bikes an hour)
+    rmse = float(np.sqrt(np.mean((pred - july.bikers.to_numpy()) ** 2)))
+    assert rmse < 150 and np.corrcoef(pred, july.bikers)[0, 1] > 0.8, (rmse, pred)
