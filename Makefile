@@ -79,6 +79,8 @@ demo: install  ## the bike-share pipeline on local Ray, tracked in MLflow; its c
 	@echo "  nbprod serve                                      # the champion on http://127.0.0.1:8000 (nbprod keys create NAME)"
 	@echo "  nbprod run train -p learning_rate=0.05            # ingest and features are cached; train and evaluate re-run"
 	@echo "  nbprod sweep nbs/02_train.ipynb -p learning_rate=0.05,0.1,0.2 -p max_leaf_nodes=15,31 --sort val_rmse"
+	@echo "  nbprod tune hgb                                   # Optuna + ASHA search on Ray Tune, each trial a run; best model registered"
+	@echo "  nbprod run nbs/06_nn.ipynb                        # a tabular network on Ray Train (2 workers), registered like the boosting"
 	@echo "  nbprod monitor history bikeshare --profile replay # the replay's retrain loops, step by step"
 	@echo "  mlflow ui --backend-store-uri sqlite:///.nbprod/mlflow.db    # runs, nested steps, the registered model"
 	@echo "  nbprod dashboard --profile replay --stop          # stops the dashboard started above"

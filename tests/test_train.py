@@ -48,9 +48,9 @@ def proj(tmp_path_factory):
     root.mkdir()
     (root/'pyproject.toml').write_text('[project]\nname = "proj"\n\n[tool.nbprod]\nexperiment = "proj"\n')
     (root/'settings.ini').write_text('[DEFAULT]\ntrain_workers = 2\n')
-    (root/'mypkg').mkdir()
-    (root/'mypkg'/'__init__.py').write_text('')
-    (root/'mypkg'/'loops.py').write_text(LOOP)
+    (root/'trainpkg').mkdir()
+    (root/'trainpkg'/'__init__.py').write_text('')
+    (root/'trainpkg'/'loops.py').write_text(LOOP)
     subprocess.run(['git', 'init', '-q', '-b', 'main'], cwd=root, check=True)
     sys.path.insert(0, str(root))
     p = Project(root)
@@ -78,7 +78,7 @@ def run(proj, monkeypatch):
 
 
 def test_two_workers_train_in_parallel_and_rank0_reports_reach_the_run(proj, ray_session, run):
-    from mypkg.loops import data, loop
+    from trainpkg.loops import data, loop
     from nbprod import track
     from nbprod.train import fit_torch
     client, rid = run
@@ -100,7 +100,7 @@ def test_two_workers_train_in_parallel_and_rank0_reports_reach_the_run(proj, ray
 
 
 def test_torch_model_logged_registered_and_served_like_any_other(proj, ray_session, run):
-    from mypkg.loops import data, loop
+    from trainpkg.loops import data, loop
     from nbprod import track
     from nbprod.serving import ModelSpec, load_version
     from nbprod.train import fit_torch
@@ -119,7 +119,7 @@ def test_torch_model_logged_registered_and_served_like_any_other(proj, ray_sessi
 
 
 def test_a_failing_worker_fails_the_training_with_its_error(proj, ray_session, run):
-    from mypkg.loops import loop
+    from trainpkg.loops import loop
     from nbprod.errors import TrainError
     from nbprod.train import fit_torch
     with pytest.raises(TrainError, match="ValueError: epoch 1 went wrong"):
