@@ -360,3 +360,30 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert p.client().get_run(parent.info.run_id).info.status == 'FINISHED'
     again = p.cli('tune', 'slow', '--resume')
     assert again.returncode == 2 and 'there is nothing to resume' in ' '.join(again.stderr.split())
+
+
+def test_sigterm_stops_the_search_resumably(tmp_path):
+    "SIGTERM (as a scheduler stops a job) ends the search KILLED and says how to go on; the trial it cut is recorded KILLED; --resume finishes."
+    p = make_project(tmp_path/'term')
+    proc = p.popen('tune', 'slow')
+    try:
+        deadline = time.time() + 240
+        while sum(r.info.status == 'FINISHED' for r in p.runs() if r.data.tags.get('nbprod.kind') == 'trial') < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the search did not get going"
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.communicate()
+    assert proc.returncode == 130, out + err
+    assert 'nbprod tune slow --resume goes on' in ' '.join(err.split())
+    parent = [r for r in p.runs() if r.data.tags.get('nbprod.kind') == 'tune'][0]
+    assert parent.info.status == 'KILLED'
+    trials = [r for r in p.runs() if r.data.tags.get('nbprod.kind') == 'trial']
+    assert not [r for r in trials if r.info.status == 'RUNNING']
+    assert all('the search was stopped' in r.data.tags['nbprod.reconciled'] for r in trials if r.info.status == 'KILLED')
+    r = p.cli('tune', 'slow', '--resume', timeout=300)
+    assert r.returncode == 0 and '6 finished' in r.stdout, r.stdout + r.stderr
+    finished = [x for x in p.runs() if x.data.tags.get('nbprod.kind') == 'trial' and x.info.status == 'FINISHED']
+    assert sorted(x.data.params['x'] for x in finished) == ['0', '1', '2', '3', '4', '5']
