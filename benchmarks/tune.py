@@ -180,15 +180,9 @@ def init_store(root: Path):
                     'experiment_id(load_settings())'], cwd=root, check=True, capture_output=True)
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def ray_head(log: Path, env: dict):
     "A running Ray (as on a cluster): `ray start --head` on 127.0.0.1; returns (process, address)."
+    from nbprod.serving import free_port   # outside the ranges Ray takes its own ports from
     port = free_port()
     proc = subprocess.Popen([BIN/'ray', 'start', '--head', '--block', f'--port={port}', '--node-ip-address=127.0.0.1', '--num-cpus=2',
                              '--include-dashboard=false', '--disable-usage-stats'], stdout=open(log, 'w'), stderr=subprocess.STDOUT,

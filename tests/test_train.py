@@ -1,7 +1,6 @@
 """`nbprod.train.fit_torch` on real Ray Train (TorchTrainer, gloo, 2 workers on CPU) and MLflow on SQLite: data-parallel
 training, rank 0's epochs logged to the run, the model back in the driver, logged in MLflow's pytorch flavour and loaded by
 serving as any other model; a failing loop's error. One local Ray serves the module (in this process)."""
-import textwrap
 
 import numpy as np
 import pandas as pd

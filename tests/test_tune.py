@@ -3,14 +3,14 @@ resume after the driver is killed, GPU resources (Ray's logical GPUs), bad space
 
 The searches with a function target run in this process on one Ray shared by the module (`run_tune` connects to it);
 the notebook target, the kill-and-resume and the bad spaces go through the `nbprod tune` CLI in a subprocess."""
-import json, os, signal, subprocess, sys, textwrap, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import NBPROD, Project, pid_alive
+from conftest import Project
 
 TRAIN = '''
 import time
@@ -150,7 +150,6 @@ def ray_session(proj):
 
 
 def children(proj, parent_id, profile=None):
-    c = proj.client(profile)
     return [r for r in proj.runs(profile) if r.data.tags.get('mlflow.parentRunId') == parent_id]
 
 
