@@ -43,7 +43,7 @@ sysdeps:  ## install the Debian packages above when missing (needs root and apt;
 	fi
 
 lock:  ## re-resolve requirements.lock from pyproject.toml (needs the index)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra torch --python-version 3.11 $(FIND_LINKS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra torch --python-version 3.11 $(FIND_LINKS) --override overrides.txt -o requirements.lock
 
 export: install  ## notebooks -> nbprod/
 	$(BIN)/nbdev-export

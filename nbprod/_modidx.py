@@ -761,6 +761,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'nbprod.tune_spec.TuneSpec.is_notebook': ('tune_spec.html#tunespec.is_notebook', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec._dimension': ('tune_spec.html#_dimension', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec._number': ('tune_spec.html#_number', 'nbprod/tune_spec.py'),
+                                  'nbprod.tune_spec._source_parameters': ('tune_spec.html#_source_parameters', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec.ray_space': ('tune_spec.html#ray_space', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec.target_parameters': ('tune_spec.html#target_parameters', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec.tune_spec': ('tune_spec.html#tune_spec', 'nbprod/tune_spec.py')},

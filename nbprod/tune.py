@@ -278,7 +278,7 @@ class EarlyStopping(ASHAScheduler):
         if (s := _LIVE.get(self.key)): s.stopped.add(trial.trial_id)
         return decision
 
-# %% ../nbs/39_tune.ipynb #949e047b
+# %% ../nbs/39_tune.ipynb #39bef674
 def _trainable(spec:TuneSpec, settings:Settings, parent_id:str):
     "The trial function for Ray Tune, with the resources of settings.ini."
     from ray import tune
@@ -299,6 +299,7 @@ def _trial_env(settings:Settings) -> dict:
 def _space_params(spec:TuneSpec) -> dict:
     p = {'target': spec.target, 'metric': spec.metric, 'mode': spec.mode, 'search': spec.search, 'trials': spec.trials,
          'concurrency': spec.concurrency or 'auto', 'scheduler': spec.scheduler, **{f"asha.{k}": v for k,v in spec.asha.items()}}
+    if spec.seed is not None: p['seed'] = spec.seed
     p.update({f"space.{d.name}": f"{d.kind} {list(d.values)}" for d in spec.space})
     return p
 
@@ -309,16 +310,19 @@ def trial_name(trial) -> str:
 
 def _tune_config(spec:TuneSpec, key:str):
     from ray import tune
-    search = scheduler = None
+    scheduler,limit = None,spec.concurrency
     if spec.search == 'optuna':
         import optuna
         from ray.tune.search.optuna import OptunaSearch
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        search = OptunaSearch()
+        search = OptunaSearch(seed=spec.seed)
+    else:   # Ray Tune's own generator of random and grid points, seeded; it limits the trials at once itself
+        from ray.tune.search import BasicVariantGenerator
+        search,limit = BasicVariantGenerator(max_concurrent=spec.concurrency or 0, random_state=spec.seed),None
     if spec.scheduler == 'asha':
         scheduler = EarlyStopping(key, **spec.asha)
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.trials, search_alg=search, scheduler=scheduler,
-                           max_concurrent_trials=spec.concurrency, reuse_actors=not spec.is_notebook,
+                           max_concurrent_trials=limit, reuse_actors=not spec.is_notebook,
                            trial_name_creator=trial_name, trial_dirname_creator=trial_name)
 
 def _driver_alive(latest:dict) -> int|None:

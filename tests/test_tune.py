@@ -64,6 +64,7 @@ alpha = {grid = [0.001, 10.0, 1000.0]}
 target = "mypkg.train:quad"
 metric = "loss"
 trials = 6
+seed = 7
 [tool.nbprod.tune.random.space]
 x = {loguniform = [0.01, 2.0]}
 y = {randint = [0, 3]}
@@ -75,6 +76,7 @@ metric = "loss"
 search = "optuna"
 trials = 10
 concurrency = 2
+seed = 7
 [tool.nbprod.tune.optuna.space]
 x = {uniform = [-2.0, 2.0]}
 y = {randint = [0, 2]}
@@ -205,13 +207,19 @@ def test_random_search_draws_within_the_space(proj, ray_session):
     assert all(isinstance(t.params['y'], int) and 0 <= t.params['y'] <= 3 for t in res.trials)
     assert {t.params['kind'] for t in res.trials} == {'a'}
     assert all(t.status == 'FINISHED' and t.value == (t.params['x'] - 0.5) ** 2 + t.params['y'] for t in res.trials)
+    assert proj.client().get_run(res.run_id).data.params['seed'] == '7'
+    # seeded: a second search draws the same points (a search of its own, with its own runs)
+    again = tune(proj, 'random')
+    assert again.run_id != res.run_id
+    assert sorted((t.params['x'], t.params['y']) for t in again.trials) == sorted((t.params['x'], t.params['y']) for t in res.trials)
 
 
 def test_optuna_search(proj, ray_session):
     res = tune(proj, 'optuna')
     assert res.ok and len(res.trials) == 10
     assert all(-2.0 <= t.params['x'] <= 2.0 and t.params['y'] in (0, 1, 2) for t in res.trials)
-    assert proj.client().get_run(res.run_id).data.params['search'] == 'optuna'
+    params = proj.client().get_run(res.run_id).data.params
+    assert params['search'] == 'optuna' and params['seed'] == '7'
     assert len(children(proj, res.run_id)) == 10
 
 
