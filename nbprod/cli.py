@@ -787,13 +787,16 @@ def _decide(loop, approve, note, profile):
         if approve: e = Loop(s, e.model, loop, on_step=_print_step).advance()
     except NbprodError as e: _fail(e)
 
-# %% ../nbs/10_cli.ipynb #d87099c6
+# %% ../nbs/10_cli.ipynb #0476cfde
 def main():
     "Entry point of the `nbprod` command."
-    import gc
+    import gc, sys
     # MLflow, papermill and nbconvert allocate a large, long-lived heap on import: collecting it while
     # importing and again at exit costs about 1.5s per command on 2 cores. `nbprod run` turns the
     # collector back on when the first cell starts; at exit, freezing the heap spares the final collection.
     gc.disable()
     try: app()
-    finally: gc.freeze()
+    finally:
+        gc.freeze()
+        # Ray's own exit hook would do this after a half-second pause for worker logs; nbprod's Ray sends the driver none
+        if (ray := sys.modules.get('ray')) is not None and ray.is_initialized(): ray.shutdown()

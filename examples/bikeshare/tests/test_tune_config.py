@@ -13,7 +13,7 @@ def test_hgb_search_is_valid_and_searches_what_validate_takes():
     from bikeshare.tuning import validate
     spec = tune_spec(load_settings(ROOT, env={}), 'hgb')
     assert spec.target == 'bikeshare.tuning:validate' and spec.metric == 'val_rmse' and spec.mode == 'min'
-    assert spec.search == 'optuna' and spec.scheduler == 'asha' and spec.register == 'bikeshare'
+    assert spec.search == 'optuna' and spec.scheduler == 'asha' and spec.register == 'bikeshare' and spec.seed == 0
     args = inspect.signature(validate).parameters
     assert {d.name for d in spec.space} <= set(args)
     # ASHA's max_t is the number of reports a full trial makes: one per `step` trees up to max_iter
