@@ -258,8 +258,11 @@ def main():
         w = med(lambda r: r[key]['wall_s'])
         ratio = med(lambda r: r[key]['wall_s'] / r['gridsearchcv']['wall_s'])
         gap = (last[key]['best_rmse'] - grid_best) / grid_best
-        summary[key] = {'wall_s_median': w, 'ratio_to_gridsearchcv_median': ratio, 'best_rmse': last[key]['best_rmse'], 'gap_to_grid_best': gap,
-                        'trials': last[key]['trials'], 'stopped_early': last[key]['stopped_early']}
+        summary[key] = {'wall_s_median': w, 'ratio_to_gridsearchcv_median': ratio, 'best_rmse_last_round': last[key]['best_rmse'],
+                        'gap_to_grid_best_last_round': gap, 'trials': last[key]['trials'], 'stopped_early_last_round': last[key]['stopped_early'],
+                        'best_rmse_by_round': [r[key]['best_rmse'] for r in rounds],
+                        'gap_to_grid_best_by_round': [(r[key]['best_rmse'] - r['gridsearchcv']['best_rmse']) / r['gridsearchcv']['best_rmse'] for r in rounds],
+                        'wall_s_by_round': [r[key]['wall_s'] for r in rounds]}
         t.add_row(label, 'started' if key.endswith('cold') else 'running', f"{w:.1f}", f"{ratio:.2f}", f"{last[key]['best_rmse']:.3f}",
                   f"{gap:+.2%}", f"{last[key]['trials']}" + (f" ({last[key]['stopped_early']} stopped early)" if last[key]['stopped_early'] else ''))
     con.print(t)

@@ -759,6 +759,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'nbprod.tune_spec': { 'nbprod.tune_spec.Dimension': ('tune_spec.html#dimension', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec.TuneSpec': ('tune_spec.html#tunespec', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec.TuneSpec.is_notebook': ('tune_spec.html#tunespec.is_notebook', 'nbprod/tune_spec.py'),
+                                  'nbprod.tune_spec._binds': ('tune_spec.html#_binds', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec._dimension': ('tune_spec.html#_dimension', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec._number': ('tune_spec.html#_number', 'nbprod/tune_spec.py'),
                                   'nbprod.tune_spec._source_parameters': ('tune_spec.html#_source_parameters', 'nbprod/tune_spec.py'),

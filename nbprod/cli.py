@@ -787,7 +787,7 @@ def _decide(loop, approve, note, profile):
         if approve: e = Loop(s, e.model, loop, on_step=_print_step).advance()
     except NbprodError as e: _fail(e)
 
-# %% ../nbs/10_cli.ipynb #0476cfde
+# %% ../nbs/10_cli.ipynb #26261d7a
 def main():
     "Entry point of the `nbprod` command."
     import gc, sys
@@ -799,4 +799,6 @@ def main():
     finally:
         gc.freeze()
         # Ray's own exit hook would do this after a half-second pause for worker logs; nbprod's Ray sends the driver none
-        if (ray := sys.modules.get('ray')) is not None and ray.is_initialized(): ray.shutdown()
+        try:
+            if (ray := sys.modules.get('ray')) is not None and ray.is_initialized(): ray.shutdown()
+        except Exception: pass   # a Ray half imported (Ctrl-C during its import) or already gone: its own exit hook is left

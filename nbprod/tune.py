@@ -278,7 +278,7 @@ class EarlyStopping(ASHAScheduler):
         if (s := _LIVE.get(self.key)): s.stopped.add(trial.trial_id)
         return decision
 
-# %% ../nbs/39_tune.ipynb #39bef674
+# %% ../nbs/39_tune.ipynb #ee266419
 def _trainable(spec:TuneSpec, settings:Settings, parent_id:str):
     "The trial function for Ray Tune, with the resources of settings.ini."
     from ray import tune
@@ -299,7 +299,7 @@ def _trial_env(settings:Settings) -> dict:
 def _space_params(spec:TuneSpec) -> dict:
     p = {'target': spec.target, 'metric': spec.metric, 'mode': spec.mode, 'search': spec.search, 'trials': spec.trials,
          'concurrency': spec.concurrency or 'auto', 'scheduler': spec.scheduler, **{f"asha.{k}": v for k,v in spec.asha.items()}}
-    if spec.seed is not None: p['seed'] = spec.seed
+    if spec.seed is not None and spec.search != 'grid': p['seed'] = spec.seed   # a grid draws nothing
     p.update({f"space.{d.name}": f"{d.kind} {list(d.values)}" for d in spec.space})
     return p
 
@@ -451,7 +451,7 @@ def run_tune(name:str, *, profile:str|None=None, settings:Settings|None=None, re
     from nbprod.trial import env_key, kv_drop, kv_put
     t0 = time.monotonic()
     settings = settings or load_settings(None, profile)
-    spec = tune_spec(settings, name)            # every problem of the table, before anything starts
+    spec = tune_spec(settings, name)            # every problem of the table, before anything starts (the target's module is imported by the trials)
     precheck(settings, spec, resume)
     connect_soon(settings)                      # Ray starts while the tuning run is recorded (MLflow's import, its store)
     client,rid,folder,before = _start(settings, spec, resume)

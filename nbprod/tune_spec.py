@@ -14,7 +14,7 @@ from .settings import Settings
 __all__ = ['DISTRIBUTIONS', 'SEARCHES', 'TUNE_KEYS', 'ASHA_KEYS', 'Dimension', 'TuneSpec', 'target_parameters', 'tune_spec',
            'ray_space']
 
-# %% ../nbs/37_tune_spec.ipynb #cccda530
+# %% ../nbs/37_tune_spec.ipynb #f446630f
 DISTRIBUTIONS = {'choice': "a list of values, one drawn per trial",
                  'grid': "a list of values, every one tried (in every combination with the other grids)",
                  'uniform': "[low, high]: a float drawn uniformly",
@@ -29,7 +29,7 @@ TUNE_KEYS = {'target': "a training notebook (.ipynb, relative to the project roo
              'concurrency': "an integer >= 1: trials running at once", 'scheduler': "none or asha",
              'asha': "a table: max_t, grace_period, reduction_factor (integers)",
              'register': "a registered model name for the best trial's model", 'space': "a table of parameter = {distribution = ...}",
-             'seed': "an integer from 0 to 2**32 - 1: random and Optuna searches draw the same points on every run",
+             'seed': "an integer from 0 to 2**32 - 1: the seed of the random search's or Optuna's draws",
              'description': "a string"}
 ASHA_KEYS = {'max_t': 100, 'grace_period': 1, 'reduction_factor': 3}
 
@@ -54,31 +54,37 @@ class TuneSpec:
     scheduler: str = 'none'
     asha: dict = field(default_factory=dict)
     register: str|None = None
-    seed: int|None = None     # random and Optuna: the sampler's seed
+    seed: int|None = None     # random and Optuna: the seed of their draws (a grid draws nothing)
 
     @property
     def is_notebook(self) -> bool: return self.target.endswith('.ipynb')
 
-# %% ../nbs/37_tune_spec.ipynb #f264e248
+# %% ../nbs/37_tune_spec.ipynb #b3e94d77
+def _binds(node, fn:str) -> bool:
+    "Whether `node` binds or unbinds the name `fn` (or may: a star import, `global fn`)."
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): return node.name == fn
+    if isinstance(node, ast.Name): return node.id == fn and not isinstance(node.ctx, ast.Load)
+    if isinstance(node, (ast.Import, ast.ImportFrom)): return any(a.name == '*' or (a.asname or a.name.split('.')[0]) == fn for a in node.names)
+    if isinstance(node, (ast.Global, ast.Nonlocal)): return fn in node.names
+    if isinstance(node, ast.ExceptHandler): return node.name == fn
+    if isinstance(node, (ast.MatchAs, ast.MatchStar)): return node.name == fn
+    if isinstance(node, ast.MatchMapping): return node.rest == fn
+    return False
+
 def _source_parameters(mod:str, fn:str) -> set[str]|None:
     """The parameters of `def fn` read from its module's source, without running the module: a training module's
-    imports (scikit-learn, torch) take seconds that the driver does not need. LookupError when the source does not show
-    them plainly (no top-level def, a decorator, the name bound again later): then the module is imported."""
+    imports (scikit-learn, torch) take seconds that the driver does not need. LookupError unless the source binds the name
+    exactly once, by an undecorated top-level `def` (anything else, even a local variable of that name, and the module is
+    imported instead)."""
     try:
         spec = importlib.util.find_spec(mod)
         tree = ast.parse(Path(spec.origin).read_bytes()) if spec and (spec.origin or '').endswith('.py') else None
     except Exception: tree = None   # the import says what is wrong
     if tree is None: raise LookupError(mod)
-    def binds(node):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): return node.name == fn
-        if isinstance(node, (ast.Import, ast.ImportFrom)): return any((a.asname or a.name) == fn for a in node.names)
-        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            return any(isinstance(n, ast.Name) and n.id == fn for t in targets for n in ast.walk(t))
-        return False
-    last = next((n for n in reversed(tree.body) if binds(n)), None)
-    if not isinstance(last, (ast.FunctionDef, ast.AsyncFunctionDef)) or last.decorator_list: raise LookupError(fn)
-    a = last.args
+    found = [n for n in ast.walk(tree) if _binds(n, fn)]
+    if len(found) != 1 or found[0] not in tree.body or not isinstance(found[0], (ast.FunctionDef, ast.AsyncFunctionDef)) \
+       or found[0].decorator_list: raise LookupError(fn)
+    a = found[0].args
     return None if a.kwarg else {x.arg for x in [*a.args, *a.kwonlyargs]}
 
 def target_parameters(root:Path, target:str) -> set[str]|None:
