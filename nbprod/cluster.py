@@ -13,7 +13,7 @@ from .settings import Settings
 # %% auto #0
 __all__ = ['connect_soon', 'connect', 'Outcome', 'outcome_of', 'run_job', 'Board', 'Job', 'JobState', 'run_jobs']
 
-# %% ../nbs/12_cluster.ipynb #2ee6e1b3
+# %% ../nbs/12_cluster.ipynb #df6dd5bd
 def _check_reachable(address:str, profile:str, timeout:float=5):
     "Fail at once when a `host:port` Ray address does not answer (Ray itself retries for minutes)."
     host,sep,port = address.rpartition(':')
@@ -69,9 +69,15 @@ def _connect(settings:Settings):
     try:
         if settings.ray_address: ray.init(address=settings.ray_address, **quiet)
         else:
-            # a Ray of our own listens on the loopback interface only (by default it binds every interface)
-            os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
-            ray.init(address='local', include_dashboard=False, **quiet)
+            # A Ray of our own listens on the loopback interface only (by default it binds every interface). The
+            # processes it starts read the variable from their environment; this process read it when it imported
+            # ray, perhaps before, so Ray's copy of it is set for the start too (unless the user set the variable).
+            from ray._private import ray_constants
+            os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, '0')
+            was = ray_constants.ENABLE_RAY_CLUSTER
+            ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, was)
+            try: ray.init(address='local', include_dashboard=False, **quiet)
+            finally: ray_constants.ENABLE_RAY_CLUSTER = was
     except Exception as e:
         where = f"the Ray cluster at {settings.ray_address}" if settings.ray_address else "a local Ray"
         raise ClusterError(f"cannot start or reach {where}: {type(e).__name__}: {e}".strip(),

@@ -242,6 +242,17 @@ def test_asha_stops_poor_trials_early(proj, ray_session):
     assert res.best_trial.status == 'FINISHED'
 
 
+def test_the_local_ray_listens_on_loopback_only(ray_session):
+    "The Ray nbprod starts itself (no ray_address) binds the loopback interface only, though ray was imported first."
+    import psutil
+    node = ray_session._private.worker._global_node
+    pids = [p.process.pid for infos in node.all_processes.values() for p in infos]
+    listening = [c.laddr for pid in pids for c in psutil.Process(pid).net_connections(kind='inet') if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 2, listening   # the GCS and the raylet at least
+    assert all(a.ip in ('127.0.0.1', '::ffff:127.0.0.1') for a in listening), listening
+    assert ray_session.util.get_node_ip_address() == '127.0.0.1'
+
+
 def _ray_node(args, log, env):
     return subprocess.Popen([str(Path(sys.executable).parent/'ray'), 'start', '--block', '--node-ip-address=127.0.0.1',
                              '--disable-usage-stats', *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
