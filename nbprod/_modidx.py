@@ -424,6 +424,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nbprod.profiles._Numpy2ForWhylogs.__getattr__': ( 'profiles.html#_numpy2forwhylogs.__getattr__',
                                                                                     'nbprod/profiles.py'),
                                  'nbprod.profiles._algorithm': ('profiles.html#_algorithm', 'nbprod/profiles.py'),
+                                 'nbprod.profiles._first_sketches': ('profiles.html#_first_sketches', 'nbprod/profiles.py'),
                                  'nbprod.profiles._found': ('profiles.html#_found', 'nbprod/profiles.py'),
                                  'nbprod.profiles._frame': ('profiles.html#_frame', 'nbprod/profiles.py'),
                                  'nbprod.profiles._homogeneous': ('profiles.html#_homogeneous', 'nbprod/profiles.py'),

@@ -21,17 +21,27 @@ class _Numpy2ForWhylogs:
     def __getattr__(self, name):
         return np.str_ if name == 'unicode_' else getattr(np, name)
 
-_WHYLOGS = []
+_WHYLOGS, _WHYLOGS_LOCK = [], threading.Lock()
+
+def _first_sketches():
+    "Profile a tiny frame of every kind of column (a float column as one array too): the sketches' first updates happen here."
+    from whylogs.core import DatasetProfile, DatasetSchema
+    from whylogs.core.preprocessing import ColumnProperties
+    frame = pd.DataFrame({'f': [0.5, 1.5], 'a': [0.5, 1.5], 'i': [1, 2], 's': ['a', 'b'], 'b': [True, False]})
+    DatasetProfile(schema=DatasetSchema(types={'a': (frame.a.dtype, ColumnProperties.homogeneous)})).track(pandas=frame)
 
 def whylogs():
-    "The whylogs package, imported once with the numpy 2 patch applied and usage statistics off."
+    "The whylogs package, set up once by one thread: the numpy 2 patch applied, the sketches' first updates made, usage statistics off."
     if _WHYLOGS: return _WHYLOGS[0]
-    os.environ.setdefault('WHYLOGS_NO_ANALYTICS', 'True')
-    import whylogs as why
-    import whylogs.core.datatypes as datatypes
-    if not hasattr(np, 'unicode_'): datatypes.np = _Numpy2ForWhylogs()   # numpy 1 has it: nothing to patch
-    _WHYLOGS.append(why)
-    return why
+    with _WHYLOGS_LOCK:               # a second thread waits here (without the GIL) until the first is done
+        if not _WHYLOGS:
+            os.environ.setdefault('WHYLOGS_NO_ANALYTICS', 'True')
+            import whylogs as why
+            import whylogs.core.datatypes as datatypes
+            if not hasattr(np, 'unicode_'): datatypes.np = _Numpy2ForWhylogs()   # numpy 1 has it: nothing to patch
+            _first_sketches()
+            _WHYLOGS.append(why)
+    return _WHYLOGS[0]
 
 # %% ../nbs/23_profiles.ipynb #07358570
 def _homogeneous(s:pd.Series) -> bool:

@@ -104,6 +104,17 @@ def traffic(p, n, offset, seed):
     return versions
 
 
+def until_answered_by(p, version, variant, seconds=60):
+    "Unlabelled predictions until `version` answers as `variant`: the replica has loaded the registry's change."
+    deadline = time.time() + seconds
+    while True:
+        status, body, _ = call(f'{p.url}/v1/models/bikes/predict', {'x': 0.0}, p.key)
+        assert status == 200, body
+        if (body['version'], body['variant']) == (version, variant): return
+        assert time.time() < deadline, f"version {version} did not answer as the {variant} within {seconds}s: {body}"
+        time.sleep(0.2)
+
+
 def two_windows(p, offset, seeds):
     "40 labelled predictions in each of two fresh windows: the newer is the loop's holdout, the older its training data."
     for seed in seeds:
@@ -146,9 +157,9 @@ def test_1_breach_retrains_canaries_and_promotes(loop):
     ev = [e for e in history(p) if e.step == 'evaluated'][0]
     assert ev.data['version'] == '2' and ev.data['scores']['2'] < 0.5 < 4 < ev.data['scores']['1'], ev.data
     assert aliases(p) == {'champion': '1', 'challenger': '2'}
-    time.sleep(2)                                                          # replicas pick the canary up (registry_poll_s = 1)
-    versions = traffic(p, 60, 5.0, 3)
-    assert set(versions) == {'1', '2'}, versions                           # half the traffic each, about
+    until_answered_by(p, '2', 'challenger')                                # the replica has picked the canary up
+    versions = traffic(p, 80, 5.0, 3)
+    assert set(versions) == {'1', '2'}, versions                           # half the traffic each, about (min_labels 20 each)
     r = p.cli('monitor', 'retrain', '--resume', loop_id(r), '--wait', timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     last = history(p)[-1]
@@ -156,7 +167,7 @@ def test_1_breach_retrains_canaries_and_promotes(loop):
     assert 'on live labelled answers' in last.reasons, last.reasons
     assert aliases(p) == {'champion': '2', 'challenger': None}
     assert p.client().get_registered_model('bikes').tags['nbprod.challenger_weight'] == '0.0'
-    time.sleep(2)
+    until_answered_by(p, '2', 'champion')
     assert set(traffic(p, 10, 5.0, 4)) == {'2'}                           # every answer from the new champion
     r = p.cli('monitor', 'history', 'bikes')
     assert r.returncode == 0 and 'promoted' in r.stdout and 'triggered' in r.stdout, r.stdout
@@ -170,8 +181,8 @@ def test_2_a_canary_worse_on_live_labels_is_rolled_back(loop):
     lp = loop_id(r)
     canary = [e for e in history(p) if e.loop == lp and e.step == 'canary'][0]
     assert canary.data['version'] == '3' and aliases(p)['challenger'] == '3'
-    time.sleep(2)
-    traffic(p, 60, 5.0, 7)                                                 # the +10 was passing: the truth is +5 again
+    until_answered_by(p, '3', 'challenger')
+    traffic(p, 80, 5.0, 7)                                                 # the +10 was passing: the truth is +5 again
     r = p.cli('monitor', 'retrain', '--resume', lp, '--wait', timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     last = history(p)[-1]
@@ -209,7 +220,7 @@ def test_4_approval_mode_asks_a_person(loop):
     approved = [e for e in history(p) if e.loop == lp and e.step == 'approved'][0]
     assert approved.actor not in ('nbprod', '') and 'looks right' in approved.reasons
     assert history(p)[-1].step == 'canary' and aliases(p)['challenger'] == history(p)[-1].data['version']
-    time.sleep(2)
+    until_answered_by(p, history(p)[-1].data['version'], 'challenger')
     traffic(p, 40, 10.0, 11)
     time.sleep(8)
     r = p.cli('monitor', 'retrain', '--resume', lp, env=env, timeout=600)
