@@ -378,10 +378,10 @@ def free_port(lo:int=20000, hi:int=30000) -> int:
     raise NbprodError(f"no free port between {lo} and {hi}")
 
 def choose_proxy(env=None) -> str:
-    "`haproxy` when Ray Serve's HAProxy ingress can run here (Debian's haproxy installed), else `default`; sets Ray's switches (the user's stand)."
+    "`haproxy` when Ray Serve's HAProxy ingress can run here (Debian's haproxy installed), else `default`; sets Ray's switches (and gives a new proxy 30 s to start), each unless the user set it."
     env = os.environ if env is None else env
     # On a busy machine a new proxy can take more than the 5 s Ray gives it to answer; Serve then kills it and
-    # serve.start fails ("killed by ray.kill"). Each later try gets 30 s more.
+    # serve.start fails ("killed by ray.kill").
     env.setdefault('RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S', '30')
     if 'RAY_SERVE_ENABLE_HA_PROXY' in env: chosen = env['RAY_SERVE_ENABLE_HA_PROXY'] == '1'   # the user's choice
     elif chosen := bool(shutil.which('haproxy')):

@@ -9,7 +9,7 @@ import subprocess, sys, textwrap
 import pytest
 
 RACE = textwrap.dedent('''
-    import os, sys, threading, time
+    import sys, threading
     import numpy as np, pandas as pd
     from nbprod.profiles import profile
     n = int(sys.argv[1])
