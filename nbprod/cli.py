@@ -790,7 +790,7 @@ def _decide(loop, approve, note, profile):
 # %% ../nbs/10_cli.ipynb #26261d7a
 def main():
     "Entry point of the `nbprod` command."
-    import gc, sys
+    import gc
     # MLflow, papermill and nbconvert allocate a large, long-lived heap on import: collecting it while
     # importing and again at exit costs about 1.5s per command on 2 cores. `nbprod run` turns the
     # collector back on when the first cell starts; at exit, freezing the heap spares the final collection.
@@ -800,5 +800,6 @@ def main():
         gc.freeze()
         # Ray's own exit hook would do this after a half-second pause for worker logs; nbprod's Ray sends the driver none
         try:
-            if (ray := sys.modules.get('ray')) is not None and ray.is_initialized(): ray.shutdown()
+            from nbprod.cluster import shutdown
+            shutdown()
         except Exception: pass   # a Ray half imported (Ctrl-C during its import) or already gone: its own exit hook is left

@@ -11,7 +11,7 @@ from .errors import ClusterError, NbprodError
 from .settings import Settings
 
 # %% auto #0
-__all__ = ['connect_soon', 'connect', 'Outcome', 'outcome_of', 'run_job', 'Board', 'Job', 'JobState', 'run_jobs']
+__all__ = ['connect_soon', 'connect', 'shutdown', 'Outcome', 'outcome_of', 'run_job', 'Board', 'Job', 'JobState', 'run_jobs']
 
 # %% ../nbs/12_cluster.ipynb #df6dd5bd
 def _check_reachable(address:str, profile:str, timeout:float=5):
@@ -87,6 +87,20 @@ def _connect(settings:Settings):
     finally:
         if main and term is not None: signal.signal(signal.SIGTERM, term)
     return ray
+
+# %% ../nbs/12_cluster.ipynb #9673ae16
+def shutdown():
+    "End this process's Ray, if it has one: disconnect; end a local Ray it started (its autoscaler's monitor first, at once)."
+    import sys
+    ray = sys.modules.get('ray')
+    if ray is None or not ray.is_initialized(): return
+    try:
+        from ray._private import ray_constants, worker
+        node = worker._global_node
+        if node is not None and ray_constants.PROCESS_TYPE_MONITOR in node.all_processes:
+            node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, allow_graceful=False, check_alive=False)
+    except Exception: pass   # another Ray's internals: its own shutdown does it all, a second slower
+    ray.shutdown()
 
 # %% ../nbs/12_cluster.ipynb #4ef2258a
 @dataclass

@@ -411,4 +411,6 @@ def stop(settings:Settings):
             serve.delete(settings.project.name)
             try: ray.kill(ray.get_actor(_board_name(settings.project.name), namespace='nbprod'))
             except ValueError: pass   # no replica made one
-    finally: ray.shutdown()
+    finally:
+        from nbprod.cluster import shutdown
+        shutdown()

@@ -62,7 +62,8 @@ def ray_session(proj):
     from nbprod.cluster import connect
     ray = connect(proj.settings())
     yield ray
-    ray.shutdown()
+    from nbprod.cluster import shutdown
+    shutdown()
 
 
 @pytest.fixture
