@@ -1,5 +1,5 @@
 """`nbprod serve` over real HTTP on 127.0.0.1: a registered model behind Ray Serve, with keys, validation and the audit log."""
-import json, os, shutil, signal, time, warnings
+import json, os, shutil, signal, threading, time, warnings
 from pathlib import Path
 
 import pytest
@@ -34,15 +34,24 @@ def served(tmp_path_factory):
     _, other = create_key(s, 'other-team', ['taxi'])
     proc = p.popen('serve')
     url = f'http://127.0.0.1:{port}'
+    out, err = [], []   # what nbprod serve prints, read as it comes (the banner comes once serve.run returns, after /readyz answers)
+    readers = [threading.Thread(target=lambda f=f, into=into: into.extend(f), daemon=True) for f, into in ((proc.stdout, out), (proc.stderr, err))]
+    for r in readers: r.start()
     try:
         wait_ready(proc, url)
+        deadline = time.time() + 60
+        while not any('serving on' in l for l in out):
+            assert proc.poll() is None and time.time() < deadline, ''.join(err)[-3000:]
+            time.sleep(0.2)
         listening = [l.split() for l in Path('/proc/net/tcp').read_text().splitlines()[1:]]
         mine = [l[1] for l in listening if l[3] == '0A' and int(l[1].split(':')[1], 16) == port]
         assert mine and all(a.startswith('0100007F:') for a in mine), mine    # 127.0.0.1 only
         yield p, url, key, other, client, proc
     finally:
         if proc.poll() is None: proc.send_signal(signal.SIGINT)   # nbprod serve stops Serve and its Ray
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        for r in readers: r.join(10)
+    out, err = ''.join(out), ''.join(err)
     assert proc.returncode == 0 and 'stopping' in err, err
     chosen = os.environ.get('RAY_SERVE_ENABLE_HA_PROXY', '1' if shutil.which('haproxy') else '0') == '1'   # as nbprod chooses
     assert ('HTTP proxy: HAProxy' if chosen else 'HTTP proxy: default') in out, out
