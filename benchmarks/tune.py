@@ -84,27 +84,19 @@ def cv_staged(n_estimators: int = 100, max_depth: int = 10, stages: int = 27):
         track.report({{"cv_rmse": float(np.mean(rmses)), "work_s": work}}, step=s)
 '''
 
-TABLES = '''
-[tool.nbprod.tune.grid]
+GRID_TABLE = '''
+[tool.nbprod.tune.{name}]
 target = "benchrf:cv"
 metric = "cv_rmse"
 mode = "min"
 search = "grid"
 concurrency = 2
-[tool.nbprod.tune.grid.space]
+[tool.nbprod.tune.{name}.space]
 n_estimators = {{grid = {n_estimators}}}
 max_depth = {{grid = {max_depth}}}
+'''
 
-[tool.nbprod.tune.costly_first]
-target = "benchrf:cv"
-metric = "cv_rmse"
-mode = "min"
-search = "grid"
-concurrency = 2
-[tool.nbprod.tune.costly_first.space]
-n_estimators = {{grid = {n_estimators_desc}}}
-max_depth = {{grid = {max_depth_desc}}}
-
+ASHA_TABLE = '''
 [tool.nbprod.tune.asha]
 target = "benchrf:cv_staged"
 metric = "cv_rmse"
@@ -119,6 +111,12 @@ asha = {{max_t = 27, grace_period = 1, reduction_factor = 3}}
 n_estimators = {{randint = [50, 200]}}
 max_depth = {{randint = [6, 14]}}
 '''
+
+
+def tables(seed: int) -> str:
+    "The searches: `grid` as GRID is written, `costly_first` with each list's values largest first, and `asha`."
+    grid = lambda name, order: GRID_TABLE.format(name=name, **{k: json.dumps(order(v)) for k, v in GRID.items()})
+    return grid('grid', list) + grid('costly_first', lambda v: v[::-1]) + ASHA_TABLE.format(seed=seed)
 
 GRIDSEARCH = '''
 import json, sys, time
@@ -149,8 +147,7 @@ def make_data(path: Path):
 def make_project(root: Path, data: Path, seed: int = 0):
     root.mkdir()
     (root/'pyproject.toml').write_text('[project]\nname = "bench"\n\n[tool.nbprod]\nexperiment = "bench"\n'
-                                       + TABLES.format(seed=seed, **{k: json.dumps(v) for k, v in GRID.items()},
-                                                       **{f"{k}_desc": json.dumps(v[::-1]) for k, v in GRID.items()}))
+                                       + tables(seed))
     (root/'settings.ini').write_text('[DEFAULT]\n')
     (root/'benchrf.py').write_text(TRAIN.format(data=str(data)))
     subprocess.run(['git', 'init', '-q', '-b', 'main'], cwd=root, check=True)
