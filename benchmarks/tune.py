@@ -6,15 +6,16 @@ command a user would type, timed by wall clock in a subprocess:
 
 - `GridSearchCV(RandomForestRegressor(random_state=0), 9-point grid, cv=KFold(3), n_jobs=2, refit=False)`
 - `nbprod tune grid`: the same 9 points, one trial per point (1 CPU each, 2 at a time), every trial an MLflow run
-- `nbprod tune costly_first`: the same grid with each list's values written largest first (the trials start in the table's
-  order, so the largest forests start first and the last trial to start is a small one, not one that runs alone)
+- `nbprod tune costly_first`: the same grid with each list's values written largest first (a grid's trials take each list
+  in the order written, so the largest forests start first and the last trial to start is a small one, not one that runs
+  alone)
 - `nbprod tune asha`: 27 random points of the ranges around the grid (seeded: round i draws with seed i), each reporting
   its 3-fold RMSE after every 27th of its trees (the forests grow with warm_start), ASHA (reduction factor 3, max_t 27:
   rungs at 1, 3 and 9 of 27) stopping poor ones early: successive halving's textbook 27 trials with factor 3
 
 The `nbprod tune` searches run twice: with the local Ray the command starts (cold, as `make demo` runs), and against a
 Ray already running (`ray start --head` on 127.0.0.1, `ray_address` set, as on a cluster), which takes Ray's start-up
-(about 4.5 s here) out of the command.
+out of the command (it overlaps the command's imports: 2 to 3 s less here).
 
 and reports the ratios, whether the ASHA search came within 0.5% of the grid's best score in less time, and what the
 overhead of `nbprod tune` is made of (from the runs' own start and end times, and the per-fold fit times the trials

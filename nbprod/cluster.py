@@ -93,14 +93,15 @@ def shutdown():
     "End this process's Ray, if it has one: disconnect; end a local Ray it started (its autoscaler's monitor first, at once)."
     import sys
     ray = sys.modules.get('ray')
-    if ray is None or not ray.is_initialized(): return
+    if ray is None: return
+    node = None
     try:
         from ray._private import ray_constants, worker
-        node = worker._global_node
+        node = worker._global_node   # also there when ray.init started Ray but failed to connect to it
         if node is not None and ray_constants.PROCESS_TYPE_MONITOR in node.all_processes:
             node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, allow_graceful=False, check_alive=False)
     except Exception: pass   # another Ray's internals: its own shutdown does it all, a second slower
-    ray.shutdown()
+    if ray.is_initialized() or node is not None: ray.shutdown()
 
 # %% ../nbs/12_cluster.ipynb #4ef2258a
 @dataclass

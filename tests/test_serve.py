@@ -1,5 +1,5 @@
 """`nbprod serve` over real HTTP on 127.0.0.1: a registered model behind Ray Serve, with keys, validation and the audit log."""
-import json, os, shutil, signal, threading, time, warnings
+import json, os, shutil, signal, subprocess, threading, time, warnings
 from pathlib import Path
 
 import pytest
@@ -37,11 +37,13 @@ def served(tmp_path_factory):
     out, err = [], []   # what nbprod serve prints, read as it comes (the banner comes once serve.run returns, after /readyz answers)
     readers = [threading.Thread(target=lambda f=f, into=into: into.extend(f), daemon=True) for f, into in ((proc.stdout, out), (proc.stderr, err))]
     for r in readers: r.start()
+    printed = lambda: f"stdout:\n{''.join(out)[-3000:]}\nstderr:\n{''.join(err)[-3000:]}"
     try:
-        wait_ready(proc, url)
+        try: wait_ready(proc, url)
+        except AssertionError as e: raise AssertionError(f"{e}\n{printed()}") from None   # the readers hold what it printed
         deadline = time.time() + 60
         while not any('serving on' in l for l in out):
-            assert proc.poll() is None and time.time() < deadline, ''.join(err)[-3000:]
+            assert proc.poll() is None and time.time() < deadline, f"no banner from nbprod serve\n{printed()}"
             time.sleep(0.2)
         listening = [l.split() for l in Path('/proc/net/tcp').read_text().splitlines()[1:]]
         mine = [l[1] for l in listening if l[3] == '0A' and int(l[1].split(':')[1], 16) == port]
@@ -49,8 +51,13 @@ def served(tmp_path_factory):
         yield p, url, key, other, client, proc
     finally:
         if proc.poll() is None: proc.send_signal(signal.SIGINT)   # nbprod serve stops Serve and its Ray
-        proc.wait(timeout=120)
+        try: proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"nbprod serve did not stop within 120 s of Ctrl-C\n{printed()}") from None
         for r in readers: r.join(10)
+    assert not any(r.is_alive() for r in readers), "nbprod serve's output did not end with it"
     out, err = ''.join(out), ''.join(err)
     assert proc.returncode == 0 and 'stopping' in err, err
     chosen = os.environ.get('RAY_SERVE_ENABLE_HA_PROXY', '1' if shutil.which('haproxy') else '0') == '1'   # as nbprod chooses
