@@ -13,7 +13,8 @@ command a user would type, timed by wall clock in a subprocess:
   its 3-fold RMSE after every 27th of its trees (the forests grow with warm_start), ASHA (reduction factor 3, max_t 27:
   rungs at 1, 3 and 9 of 27) stopping poor ones early: successive halving's textbook 27 trials with factor 3
 
-The `nbprod tune` searches run twice: with the local Ray the command starts (cold, as `make demo` runs), and against a
+The order of the three searches turns by one each round (round 1: grid, costly_first, asha; round 2: costly_first, asha,
+grid; ...), so that none always runs first. The `nbprod tune` searches run twice: with the local Ray the command starts (cold, as `make demo` runs), and against a
 Ray already running (`ray start --head` on 127.0.0.1, `ray_address` set, as on a cluster), which takes Ray's start-up
 out of the command (it overlaps the command's imports: 2 to 3 s less here).
 
@@ -220,6 +221,14 @@ def stop_head(proc):
         proc.wait()
 
 
+SEARCHES = ('grid', 'costly_first', 'asha')
+
+
+def order(i: int) -> tuple:
+    "The searches in round i: the order turns by one each round, so that no search always runs first (or last) on the machine."
+    return SEARCHES[i % len(SEARCHES):] + SEARCHES[:i % len(SEARCHES)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--rounds', type=int, default=1, help="rounds of the five timings (medians reported)")
@@ -249,11 +258,12 @@ def main():
                         con.print(f"round {i + 1}/{a.rounds}: GridSearchCV")
                         g0, g1, gout = timed([sys.executable, '-c', GRIDSEARCH, str(data), json.dumps(GRID)], root, env)
                         r['gridsearchcv'] = {'wall_s': g1 - g0, **json.loads(gout)}
-                    for name in ('grid', 'costly_first', 'asha'):
+                    for name in order(i):
                         con.print(f"round {i + 1}/{a.rounds}: nbprod tune {name} ({variant} Ray)")
                         r[f'{name}_{variant}'] = nbprod_tune(root, name, run_env)
                 finally:
                     if head is not None: stop_head(head)
+            r['order'] = list(order(i))
             rounds.append(r)
     med = lambda f: statistics.median(f(r) for r in rounds)
     gsw = med(lambda r: r['gridsearchcv']['wall_s'])
