@@ -14,8 +14,8 @@ command a user would type, timed by wall clock in a subprocess:
   rungs at 1, 3 and 9 of 27) stopping poor ones early: successive halving's textbook 27 trials with factor 3
 
 The order of the three searches turns by one each round (round 1: grid, costly_first, asha; round 2: costly_first, asha,
-grid; ...), so that none always runs first. The `nbprod tune` searches run twice: with the local Ray the command starts (cold, as `make demo` runs), and against a
-Ray already running (`ray start --head` on 127.0.0.1, `ray_address` set, as on a cluster), which takes Ray's start-up
+grid; ...), so that none always runs first. The `nbprod tune` searches run twice: with the local Ray the command starts
+(cold, as `make demo` runs), and against a Ray already running (`ray start --head` on 127.0.0.1, `ray_address` set, as on a cluster), which takes Ray's start-up
 out of the command (it overlaps the command's imports: 2 to 3 s less here).
 
 and reports the ratios, whether the ASHA search came within 0.5% of the grid's best score in less time, and what the
