@@ -15,8 +15,8 @@ command a user would type, timed by wall clock in a subprocess:
 
 The order of the three searches turns by one each round (round 1: grid, costly_first, asha; round 2: costly_first, asha,
 grid; ...), so that none always runs first. The `nbprod tune` searches run twice: with the local Ray the command starts
-(cold, as `make demo` runs), and against a Ray already running (`ray start --head` on 127.0.0.1, `ray_address` set, as on a cluster), which takes Ray's start-up
-out of the command (it overlaps the command's imports: 2 to 3 s less here).
+(cold, as `make demo` runs), and against a Ray already running (`ray start --head` on 127.0.0.1, `ray_address` set, as
+on a cluster), which takes Ray's start-up out of the command (it overlaps the command's imports: 2 to 3 s less here).
 
 and reports the ratios, whether the ASHA search came within 0.5% of the grid's best score in less time, and what the
 overhead of `nbprod tune` is made of (from the runs' own start and end times, and the per-fold fit times the trials
