@@ -54,7 +54,7 @@ check-export: install  ## fail when nbprod/ differs from the notebooks' export, 
 # Each notebook in a fresh process (2 at a time): nbdev-test's own worker pool runs several notebooks in one process, where
 # a notebook's cells can lean on modules another notebook set up first, passing or failing with the pool's order
 nbtest: install  ## run the notebooks' asserting cells
-	@find nbs -name '*.ipynb' -not -path '*/.*' -not -name '_*' | sort | xargs -P 2 -I NB sh -c \
+	@find nbs -name '*.ipynb' -not -path '*/[._]*' | sort | xargs -P 2 -I NB sh -c \
 	  'out=$$($(BIN)/nbdev-test --n-workers 1 "NB" 2>&1) && echo "ok      NB" || { printf "FAILED  NB\n%s\n" "$$out"; exit 1; }' \
 	  || { echo "nbtest: notebooks failed (FAILED above); run one alone with $(BIN)/nbdev-test nbs/NAME.ipynb"; exit 1; }
 

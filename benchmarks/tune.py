@@ -231,7 +231,7 @@ def order(i: int) -> tuple:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--rounds', type=int, default=1, help="rounds of the five timings (medians reported)")
+    ap.add_argument('--rounds', type=int, default=1, help="rounds of the seven timings (medians reported)")
     ap.add_argument('--out', type=Path, default=RESULTS)
     a = ap.parse_args()
     con = Console()
