@@ -117,7 +117,7 @@ max_depth = {{randint = [6, 14]}}
 
 def tables(seed: int) -> str:
     "The searches: `grid` as GRID is written, `costly_first` with each list's values largest first, and `asha`."
-    grid = lambda name, order: GRID_TABLE.format(name=name, **{k: json.dumps(order(v)) for k, v in GRID.items()})
+    grid = lambda name, arrange: GRID_TABLE.format(name=name, **{k: json.dumps(arrange(v)) for k, v in GRID.items()})
     return grid('grid', list) + grid('costly_first', lambda v: v[::-1]) + ASHA_TABLE.format(seed=seed)
 
 GRIDSEARCH = '''

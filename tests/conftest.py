@@ -63,6 +63,15 @@ class Project:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=self.root, capture_output=True, text=True).stdout.strip()
 
 
+@pytest.fixture(scope='module')
+def ray_session(proj):
+    "One local Ray for a module's in-process work, started as nbprod starts it for the module's own `proj` fixture, ended with nbprod's shutdown."
+    from nbprod.cluster import connect, shutdown
+    ray = connect(proj.settings())
+    yield ray
+    shutdown()
+
+
 @pytest.fixture
 def project(tmp_path):
     root = tmp_path/'proj'

@@ -57,15 +57,6 @@ def proj(tmp_path_factory):
     sys.path.remove(str(root))
 
 
-@pytest.fixture(scope='module')
-def ray_session(proj):
-    from nbprod.cluster import connect
-    ray = connect(proj.settings())
-    yield ray
-    from nbprod.cluster import shutdown
-    shutdown()
-
-
 @pytest.fixture
 def run(proj, monkeypatch):
     "An interactive MLflow run of the project, as a notebook in JupyterLab has: track logs there."

@@ -142,16 +142,6 @@ def proj(tmp_path_factory):
     return make_project(tmp_path_factory.mktemp('tune')/'proj')
 
 
-@pytest.fixture(scope='module')
-def ray_session(proj):
-    "One local Ray for the module's in-process searches (as nbprod starts it), ended at the end."
-    from nbprod.cluster import connect
-    ray = connect(proj.settings())
-    yield ray
-    from nbprod.cluster import shutdown
-    shutdown()
-
-
 def children(proj, parent_id, profile=None):
     return [r for r in proj.runs(profile) if r.data.tags.get('mlflow.parentRunId') == parent_id]
 
