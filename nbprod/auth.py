@@ -4,15 +4,17 @@
 
 # %% ../nbs/16_auth.ipynb #fef8152c
 from __future__ import annotations
-import datetime, hashlib, hmac, json, os, secrets
-from dataclasses import asdict, dataclass, field
+import datetime, hashlib, hmac, json, logging, os, re, secrets, time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from .errors import ConfigError, Forbidden, NbprodError, Unauthorized
 from .settings import Settings
 
+log = logging.getLogger('nbprod.auth')
+
 # %% auto #0
-__all__ = ['PREFIX', 'hash_key', 'key_id', 'new_key', 'ApiKey', 'KeyRing', 'read_key_file', 'write_key_file', 'parse_env_keys',
-           'load_keyring', 'create_key', 'revoke_key']
+__all__ = ['log', 'PREFIX', 'SCOPES', 'hash_key', 'key_id', 'new_key', 'ApiKey', 'KeyRing', 'read_key_file', 'write_key_file',
+           'parse_env_keys', 'load_keyring', 'parse_duration', 'create_key', 'rotate_key', 'revoke_key']
 
 # %% ../nbs/16_auth.ipynb #acacd9d8
 PREFIX = 'nbp'
@@ -31,6 +33,9 @@ def new_key() -> str:
     "A fresh key: `nbp_<8 hex id>_<43 url-safe characters, 256 random bits>`."
     return f"{PREFIX}_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
 
+SCOPES = {'predict': "call the models' /predict and /explain, and label the predictions answered to this key",
+          'labels': "label and relabel any prediction of the key's models (a labelling service)"}
+
 @dataclass(frozen=True)
 class ApiKey:
     "A key as nbprod keeps it: never the key itself."
@@ -40,22 +45,53 @@ class ApiKey:
     models: tuple = ('*',)          # the models it may call; '*' is every model
     created: str = ''
     source: str = 'file'            # 'file' or the environment variable it came from
+    scopes: tuple = ('predict',)    # what it may do with those models (SCOPES)
+    expires: str = ''               # UTC, ISO 8601; empty: never
 
-    def allows(self, model:str) -> bool: return '*' in self.models or model in self.models
+    def allows(self, model:str, scope:str='predict') -> bool:
+        return ('*' in self.models or model in self.models) and scope in self.scopes
+
+    def expired(self, now:float|None=None) -> bool:
+        return bool(self.expires) and datetime.datetime.fromisoformat(self.expires).timestamp() <= (time.time() if now is None else now)
 
 # %% ../nbs/16_auth.ipynb #2fafd37d
 class KeyRing:
-    "The API keys an endpoint accepts."
-    def __init__(self, keys=(), open_access:bool=False):
-        self.open_access = open_access
-        self.by_id = {}
-        for k in keys: self.by_id.setdefault(k.id, []).append(k)
+    "The API keys an endpoint accepts; with a `path`, it follows that key file's changes (`extra`: keys from elsewhere, the environment)."
+    def __init__(self, keys=(), open_access:bool=False, path:Path|None=None, extra=(), every:float=1.0):
+        self.open_access,self.path,self.extra,self.every = open_access,path,list(extra),every
+        self._seen,self._checked = self._stamp(),time.monotonic()
+        self._use(keys)
+
+    def _use(self, keys):
+        by_id = {}
+        for k in keys: by_id.setdefault(k.id, []).append(k)
+        self.by_id = by_id                      # one assignment: a request sees the old keys or the new
+
+    def _stamp(self):
+        try: st = os.stat(self.path) if self.path else None
+        except FileNotFoundError: return None
+        return st and (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def refresh(self, force:bool=False) -> bool:
+        "Read the key file again if it changed (checked at most every `every` s unless `force`); True when the keys changed."
+        if self.path is None or (not force and time.monotonic() - self._checked < self.every): return False
+        self._checked = time.monotonic()
+        stamp = self._stamp()
+        if stamp == self._seen: return False
+        try: keys = read_key_file(self.path)
+        except ConfigError as e:
+            log.warning("the API key file changed but cannot be read; the keys loaded before stay in force: %s", e)
+            return False
+        self._seen = stamp
+        self._use([*keys, *self.extra])
+        return True
 
     def __len__(self): return sum(map(len, self.by_id.values()))
 
     def identify(self, authorization:str|None) -> ApiKey|None:
         "The key that `authorization` (an `Authorization` header) carries, or `Unauthorized`; None under open access."
         if self.open_access: return None
+        self.refresh()
         scheme,_,key = (authorization or '').strip().partition(' ')
         if not authorization: raise Unauthorized("no API key", headers={'WWW-Authenticate': 'Bearer'},
                                                  hint="send the header Authorization: Bearer <key> (nbprod keys create NAME)")
@@ -69,18 +105,25 @@ class KeyRing:
         if found is None:
             raise Unauthorized("unknown API key", headers={'WWW-Authenticate': 'Bearer error="invalid_token"'},
                                hint="check the key, or ask for a new one (nbprod keys create NAME)")
+        if found.expired():
+            raise Unauthorized(f"the API key {found.name!r} expired at {found.expires}", headers={'WWW-Authenticate': 'Bearer error="invalid_token"'},
+                               hint=f"use its new secret (nbprod keys rotate {found.name}) or a new key (nbprod keys create NAME)")
         return found
 
-    def check(self, authorization:str|None, model:str) -> ApiKey|None:
-        "The key that `authorization` carries, if it may call `model` (else `Unauthorized` or `Forbidden`); None under open access."
+    def check(self, authorization:str|None, model:str, scope:str='predict') -> ApiKey|None:
+        "The key that `authorization` carries, if it may do `scope` with `model` (else `Unauthorized` or `Forbidden`); None under open access."
         found = self.identify(authorization)
-        if found is not None and not found.allows(model):
-            raise Forbidden(f"the key {found.name!r} may not call model {model!r}",
-                            hint=f"it may call: {', '.join(found.models)}; nbprod keys create NAME --model {model}")
+        if found is not None and not found.allows(model, scope):
+            if not found.allows(model, found.scopes[0] if found.scopes else scope):
+                raise Forbidden(f"the key {found.name!r} may not call model {model!r}",
+                                hint=f"it may call: {', '.join(found.models)}; nbprod keys create NAME --model {model}")
+            raise Forbidden(f"the key {found.name!r} has no {scope!r} scope for model {model!r}",
+                            hint=f"its scopes: {', '.join(found.scopes)}; nbprod keys create NAME --model {model} --scope {scope}")
         return found
 
 # %% ../nbs/16_auth.ipynb #28245622
-def _now() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+def _now(plus:float=0, timespec='seconds') -> str:
+    return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=plus)).isoformat(timespec=timespec)
 
 def read_key_file(path:Path) -> list[ApiKey]:
     "The keys in `path` (none when it does not exist)."
@@ -88,7 +131,7 @@ def read_key_file(path:Path) -> list[ApiKey]:
     if not path.exists(): return []
     try:
         doc = json.loads(path.read_text())
-        return [ApiKey(**{**k, 'models': tuple(k['models']), 'source': 'file'}) for k in doc['keys']]
+        return [ApiKey(**{**k, 'models': tuple(k['models']), 'scopes': tuple(k.get('scopes', ('predict',))), 'source': 'file'}) for k in doc['keys']]
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"the API key file cannot be read: {type(e).__name__}: {e}", file=path,
                           hint="restore it from a backup, or delete it and create the keys again (nbprod keys create)") from None
@@ -117,26 +160,63 @@ def parse_env_keys(text:str, var:str) -> list[ApiKey]:
 
 # %% ../nbs/16_auth.ipynb #46672cc3
 def load_keyring(settings:Settings, env:dict|None=None) -> KeyRing:
-    "The keys `settings` name: the key file and the `api_keys_env` variable; open when `open_access` is set."
+    "The keys `settings` name: the key file (followed while serving) and the `api_keys_env` variable; open when `open_access` is set."
     env = os.environ if env is None else env
-    keys = read_key_file(settings.api_keys_file)
-    if settings.api_keys_env: keys += parse_env_keys(env.get(settings.api_keys_env, ''), settings.api_keys_env)
-    return KeyRing(keys, open_access=settings.open_access)
+    extra = parse_env_keys(env.get(settings.api_keys_env, ''), settings.api_keys_env) if settings.api_keys_env else []
+    return KeyRing([*read_key_file(settings.api_keys_file), *extra], open_access=settings.open_access, path=settings.api_keys_file, extra=extra)
 
-def create_key(settings:Settings, name:str, models=('*',)) -> tuple[ApiKey, str]:
-    "Add a key named `name` for `models` to the key file; returns the entry and the key (shown once, never stored)."
+_DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$')
+
+def parse_duration(text:str) -> float:
+    "Seconds in `90d`, `12h`, `30m`, `45s` or `2w`."
+    m = _DURATION.match(str(text))
+    if not m: raise NbprodError(f"{text!r} is not a duration", hint="write a number and a unit: 90d, 12h, 30m, 45s, 2w")
+    return float(m[1]) * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}[m[2]]
+
+def _served(settings:Settings) -> list[str]:
+    models = settings.project.raw.get('serve', {}).get('models', {})
+    return sorted(models) if isinstance(models, dict) else []
+
+def _check_grant(settings:Settings, models, scopes) -> tuple[tuple, tuple]:
+    models,scopes = tuple(m.strip() for m in models if m.strip()) or ('*',),tuple(s.strip() for s in scopes if s.strip()) or ('predict',)
+    served = _served(settings)
+    unknown = [m for m in models if m != '*' and m not in served]
+    if unknown:
+        raise NbprodError(f"no served model named {', '.join(map(repr, unknown))}: a key for it would open nothing",
+                          hint=f"served models ([tool.nbprod.serve.models] in pyproject.toml): {', '.join(served) or 'none'}")
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad: raise NbprodError(f"unknown scope {', '.join(map(repr, bad))}", hint=f"scopes: {'; '.join(f'{k}: {v}' for k,v in SCOPES.items())}")
+    return models, scopes
+
+def create_key(settings:Settings, name:str, models=('*',), scopes=('predict',), expires:str|float|None=None) -> tuple[ApiKey, str]:
+    "Add a key named `name` for `models` and `scopes` to the key file, expiring after `expires` (`90d`, or seconds); returns the entry and the key (shown once, never stored)."
     name = name.strip()
     if not name: raise NbprodError("a key needs a name", hint="name it after who uses it: nbprod keys create dashboard")
+    models,scopes = _check_grant(settings, models, scopes)
     keys = read_key_file(settings.api_keys_file)
     if any(k.name == name for k in keys):
-        raise NbprodError(f"there is already a key named {name!r}", hint=f"revoke it first (nbprod keys revoke {name}) or pick another name")
+        raise NbprodError(f"there is already a key named {name!r}", hint=f"revoke it first (nbprod keys revoke {name}), rotate it (nbprod keys rotate {name}) or pick another name")
+    ttl = parse_duration(expires) if isinstance(expires, str) else expires
     key = new_key()
-    entry = ApiKey(key_id(key), name, hash_key(key), tuple(models) or ('*',), _now())
+    entry = ApiKey(key_id(key), name, hash_key(key), models, _now(), scopes=scopes, expires=_now(ttl) if ttl else '')
     write_key_file(settings.api_keys_file, [*keys, entry])
     return entry, key
 
+def rotate_key(settings:Settings, name:str, grace:str|float='24h') -> tuple[ApiKey, str, ApiKey]:
+    "A new secret for the key named `name` (same models, scopes and expiry); the old secret stays valid for `grace`. Returns `(new entry, new key, old entry)`."
+    keys = read_key_file(settings.api_keys_file)
+    live = [k for k in keys if k.name == name and not k.expired()]
+    if not live: raise NbprodError(f"no valid key named {name!r} in {settings.api_keys_file}", hint="nbprod keys list shows them")
+    old = max(live, key=lambda k: k.created)
+    until = _now(parse_duration(grace) if isinstance(grace, str) else grace, 'milliseconds')
+    retired = replace(old, expires=min(until, old.expires) if old.expires else until)
+    key = new_key()
+    entry = replace(old, id=key_id(key), hash=hash_key(key), created=_now())
+    write_key_file(settings.api_keys_file, [retired if k is old else k for k in keys] + [entry])
+    return entry, key, retired
+
 def revoke_key(settings:Settings, name_or_id:str) -> ApiKey:
-    "Remove the key with this name or id from the key file."
+    "Remove the keys with this name (a rotated key's old secret too) or this id from the key file."
     keys = read_key_file(settings.api_keys_file)
     gone = [k for k in keys if name_or_id in (k.name, k.id)]
     if not gone: raise NbprodError(f"no key named {name_or_id!r} in {settings.api_keys_file}", hint="nbprod keys list shows them")

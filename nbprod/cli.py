@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_cli.ipynb #b5caf858
 from __future__ import annotations
-import gc, time
+import gc, signal, time
 from pathlib import Path
 from typing import Annotated, Optional
 import typer
@@ -16,9 +16,9 @@ from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 
 # %% auto #0
 __all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'monitor_app', 'main_options', 'run', 'sweep', 'tune',
-           'runs', 'new', 'export', 'check', 'serve', 'apps', 'dashboard', 'keys_create', 'keys_list', 'keys_revoke',
-           'profile_cmd', 'monitor_drift', 'monitor_check', 'monitor_alerts', 'monitor_labels', 'monitor_performance',
-           'monitor_retrain', 'monitor_history', 'monitor_approve', 'monitor_veto', 'main']
+           'runs', 'new', 'export', 'check', 'serve', 'apps', 'dashboard', 'keys_create', 'keys_list', 'keys_rotate',
+           'keys_revoke', 'profile_cmd', 'monitor_drift', 'monitor_check', 'monitor_alerts', 'monitor_labels',
+           'monitor_performance', 'monitor_retrain', 'monitor_history', 'monitor_approve', 'monitor_veto', 'main']
 
 # %% ../nbs/10_cli.ipynb #357c0579
 EXAMPLES = """[bold]Examples[/bold]
@@ -491,27 +491,32 @@ def dashboard(profile: ProfileOpt = None,
                 except subprocess.TimeoutExpired: proc.kill()
 
 # %% ../nbs/10_cli.ipynb #7ddbe502
-keys_app = typer.Typer(help="API keys of the endpoints: create, list, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of the endpoints: create, list, rotate, revoke. Running endpoints follow the changes within a second.", no_args_is_help=True)
 app.add_typer(keys_app, name='keys')
 
-@keys_app.command('create')
+def _split(values) -> list[str]: return [v.strip() for x in values or [] for v in x.split(',') if v.strip()]
+
+@keys_app.command('create', epilog="[dim]nbprod keys create labelling --model bikeshare --scope labels --expires 90d[/dim]")
 def keys_create(name: Annotated[str, typer.Argument(help="Who uses the key (a service, a person).", show_default=False)],
-                model: Annotated[Optional[list[str]], typer.Option('--model', '-m', help="A model the key may call (repeat; default: every model).")] = None,
+                model: Annotated[Optional[list[str]], typer.Option('--model', '-m', help="A model the key may call (repeat or comma-separate; default: every model).")] = None,
+                scope: Annotated[Optional[list[str]], typer.Option('--scope', '-s', help="predict (call the models, label its own answers), labels (label any answer of its models); comma-separate.")] = None,
+                expires: Annotated[Optional[str], typer.Option('--expires', help="Refused after this long: 90d, 12h, 30m.")] = None,
                 profile: ProfileOpt = None):
     "Create an API key; it is printed once and stored only as a hash."
     from nbprod.auth import create_key
     from nbprod.settings import load_settings
     try:
         s = load_settings(profile=profile)
-        entry,key = create_key(s, name, model or ['*'])
+        entry,key = create_key(s, name, _split(model) or ['*'], _split(scope) or ['predict'], expires)
     except NbprodError as e: _fail(e)
     out.print(key, highlight=False, soft_wrap=True)
-    err.print(f"key [bold]{entry.name}[/bold] ({entry.id}) for {', '.join(entry.models)}: shown only now, stored hashed in "
+    err.print(f"key [bold]{entry.name}[/bold] ({entry.id}) for {', '.join(entry.models)}, scopes {', '.join(entry.scopes)}"
+              f"{f', expires {entry.expires}' if entry.expires else ''}: shown only now, stored hashed in "
               f"{s.api_keys_file}\n  curl -H 'Authorization: Bearer <key>' ...", highlight=False)
 
 @keys_app.command('list')
 def keys_list(profile: ProfileOpt = None):
-    "List the API keys: name, id, models, created (never the key)."
+    "List the API keys: name, id, models, scopes, created, expires (never the key)."
     from nbprod.auth import load_keyring
     from nbprod.settings import load_settings
     try:
@@ -523,19 +528,32 @@ def keys_list(profile: ProfileOpt = None):
                   "create one with [bold]nbprod keys create NAME --model MODEL[/bold]")
         return
     t = Table(box=None)
-    for col in ('name', 'id', 'models', 'created', 'from'): t.add_column(col, no_wrap=True)
+    for col in ('name', 'id', 'models', 'scopes', 'created', 'expires', 'from'): t.add_column(col, no_wrap=True)
     for k in sorted(keys, key=lambda k: (k.source, k.created, k.name)):
-        t.add_row(k.name, k.id, ', '.join(k.models), k.created[:16].replace('T', ' '), k.source)
+        t.add_row(escape(k.name), k.id, escape(', '.join(k.models)), ', '.join(k.scopes), k.created[:16].replace('T', ' '),
+                  ('[red]expired[/red] ' if k.expired() else '') + k.expires[:16].replace('T', ' ') if k.expires else '-', k.source)
     out.print(t, highlight=False)
+
+@keys_app.command('rotate')
+def keys_rotate(name: Annotated[str, typer.Argument(help="The key's name.", show_default=False)],
+                grace: Annotated[str, typer.Option('--grace', help="How long the old secret stays valid: 24h, 7d, 0s.")] = '24h',
+                profile: ProfileOpt = None):
+    "Give a key a new secret (printed once); the old one stays valid for the grace period."
+    from nbprod.auth import rotate_key
+    from nbprod.settings import load_settings
+    try: entry,key,old = rotate_key(load_settings(profile=profile), name, grace)
+    except NbprodError as e: _fail(e)
+    out.print(key, highlight=False, soft_wrap=True)
+    err.print(f"new secret for key [bold]{escape(entry.name)}[/bold] ({entry.id}); the old one ({old.id}) is refused after {old.expires}", highlight=False)
 
 @keys_app.command('revoke')
 def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name or id.", show_default=False)], profile: ProfileOpt = None):
-    "Remove an API key from the key file (running endpoints refuse it once restarted)."
+    "Remove an API key from the key file (running endpoints refuse it within a second)."
     from nbprod.auth import revoke_key
     from nbprod.settings import load_settings
     try: gone = revoke_key(load_settings(profile=profile), name)
     except NbprodError as e: _fail(e)
-    out.print(f"revoked key [bold]{gone.name}[/bold] ({gone.id})")
+    out.print(f"revoked key [bold]{escape(gone.name)}[/bold] ({gone.id})")
 
 # %% ../nbs/10_cli.ipynb #0e8d37a5
 @app.command('profile', epilog="[dim]nbprod profile data/processed/train.parquet --check hours[/dim]")
@@ -673,8 +691,9 @@ def monitor_labels(file: Annotated[Path, typer.Argument(help="CSV or Parquet: re
                    model: Annotated[str, typer.Option('--model', '-m', help="The served model the labels are for.", show_default=False)],
                    id_column: Annotated[str, typer.Option('--id-column', help="The column of request ids.")] = 'request_id',
                    label_column: Annotated[str, typer.Option('--label-column', help="The column of labels.")] = 'label',
+                   replace: Annotated[bool, typer.Option('--replace', help="Replace labels already stored (each replacement is recorded).")] = False,
                    profile: ProfileOpt = None):
-    "Store labels (the truth, once known) of answered predictions from a file, joined to them by request id."
+    "Store labels (the truth, once known) of answered predictions from a file, joined to them by request id; exit 1 when rows were refused."
     from nbprod.feedback import join_labels, load_labels
     from nbprod.serving import serve_specs
     from nbprod.settings import load_settings
@@ -682,11 +701,16 @@ def monitor_labels(file: Annotated[Path, typer.Argument(help="CSV or Parquet: re
         s = load_settings(profile=profile)
         served = [x.name for x in serve_specs(s)]
         if model not in served: raise NbprodError(f"no served model {model!r}", hint=f"served: {', '.join(served)}")
-        n = load_labels(s.store, model, file, id_column, label_column)
+        got = load_labels(s.store, model, file, id_column, label_column, replace=replace)
         j = join_labels(s.store, model)
     except NbprodError as e: _fail(e)
-    out.print(f"stored {n:,} labels for {model}; {len(j.frame):,} of {j.predictions:,} answered predictions now have one "
-              f"({j.unmatched:,} labels match no prediction, {j.duplicates:,} were replaced by a later label)", highlight=False)
+    out.print(f"stored {got.stored:,} labels for {model} ({got.replaced:,} replacing a label); {len(j.frame):,} of {j.predictions:,} answered "
+              f"predictions now have one", highlight=False)
+    for x in got.refused[:10]:
+        err.print(f"[yellow]row {x['record']}[/yellow] refused: {escape(str(x['field']))}: {escape(x['reason'])}", highlight=False)
+    if got.refused:
+        err.print(f"{len(got.refused):,} rows refused{' (the first 10 above)' if len(got.refused) > 10 else ''}; fix them and load them again", highlight=False)
+        raise typer.Exit(1)
 
 @monitor_app.command('performance', epilog="[dim]nbprod monitor performance bikeshare --last 12[/dim]")
 def monitor_performance(model: Annotated[str, typer.Argument(help="A served model's name.", show_default=False)],
@@ -795,6 +819,9 @@ def main():
     # importing and again at exit costs about 1.5s per command on 2 cores. `nbprod run` turns the
     # collector back on when the first cell starts; at exit, freezing the heap spares the final collection.
     gc.disable()
+    # started where SIGINT is ignored (a background job of a non-interactive shell), Python installs no Ctrl-C
+    # handler, and a server started so could not be stopped by one: nbprod's commands always stop on it
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN: signal.signal(signal.SIGINT, signal.default_int_handler)
     try: app()
     finally:
         gc.freeze()

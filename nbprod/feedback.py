@@ -4,49 +4,67 @@
 
 # %% ../nbs/27_feedback.ipynb #b02c1fb5
 from __future__ import annotations
-import json, math, re
-from dataclasses import dataclass
+import json, math, re, threading
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from .errors import ConfigError, NbprodError, RequestError
 
 # %% auto #0
-__all__ = ['MAX_LABELS', 'METRICS', 'parse_feedback', 'label_log', 'read_labels', 'load_labels', 'LabelJoin', 'join_labels',
-           'score', 'judge', 'performance']
+__all__ = ['MAX_LABELS', 'MAX_LABEL_CHARS', 'METRICS', 'Feedback', 'parse_feedback', 'label_log', 'read_labels', 'RecordTail',
+           'AnswerIndex', 'LabelIndex', 'LabelRule', 'label_rule', 'screen', 'LabelLoad', 'load_labels', 'LabelJoin',
+           'current_labels', 'join_labels', 'score', 'judge', 'performance']
 
 # %% ../nbs/27_feedback.ipynb #0042f6c4
-_ID = re.compile(r'^[A-Za-z0-9._:-]{1,64}$')
-MAX_LABELS = 10_000
+_ID = re.compile(r'^[A-Za-z0-9._:-]{1,128}$')   # the request ids an endpoint answers with (nbprod.api.request_id)
+MAX_LABELS = 1_000
+MAX_LABEL_CHARS = 256
 
-def _label_value(v, where) -> float|int|str|bool:
-    if isinstance(v, bool) or isinstance(v, str) and v.strip(): return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v): return v
-    raise RequestError("a label must be a finite number, a non-empty string or a boolean", status=422,
-                       errors=[{'record': where, 'field': 'label', 'reason': f"got {json.dumps(v) if v is None or isinstance(v, (int, float)) else type(v).__name__}"}])
+@dataclass
+class Feedback:
+    "A feedback body, parsed: the model, the labels that are well formed (each with its `record`, its position in the body), why each other one is refused."
+    model: str
+    labels: list
+    refused: list = field(default_factory=list)   # [{'record': i, 'field': name or None, 'reason': text}]
+    replace: bool = False                         # replace labels already stored (needs the labels scope)
+    total: int = 0
 
-def parse_feedback(body:bytes, max_labels:int=MAX_LABELS) -> tuple[str, list[dict]]:
-    "`(model, [{request_id, index, label}])` of a feedback request body; a `RequestError` naming each problem otherwise."
-    try: doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e: raise RequestError(f"the body is not valid JSON: {e}", status=400) from None
-    if not isinstance(doc, dict) or set(doc) - {'model', 'labels'} or not isinstance(doc.get('model'), str) or not isinstance(doc.get('labels'), list):
-        raise RequestError('a feedback body is {"model": NAME, "labels": [{"request_id": ID, "index": 0, "label": VALUE}, ...]}', status=422)
+def _label_value(v) -> str|None:
+    "Why `v` cannot be a label, or None."
+    if isinstance(v, bool): return None
+    if isinstance(v, (int, float)): return None if math.isfinite(v) else f"{v} is not a finite number"
+    if isinstance(v, str):
+        if not v.strip(): return "an empty string"
+        if len(v) > MAX_LABEL_CHARS: return f"a string of {len(v):,} characters; at most {MAX_LABEL_CHARS}"
+        try: v.encode('utf-8')
+        except UnicodeEncodeError: return "a string that is not valid Unicode (a lone surrogate)"
+        return None
+    return f"got {'null' if v is None else type(v).__name__}: a label is a finite number, a non-empty string or a boolean"
+
+def parse_feedback(body:bytes, max_labels:int=MAX_LABELS) -> Feedback:
+    "The `Feedback` of a request body; a `RequestError` when the body itself is wrong (not JSON, not the shape, no labels, too many)."
+    try: doc = json.loads(body, parse_constant=lambda c: float(c))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e: raise RequestError(f"the body is not valid JSON: {str(e)[:200]}", status=400) from None
+    if (not isinstance(doc, dict) or set(doc) - {'model', 'labels', 'replace'} or not isinstance(doc.get('model'), str)
+        or not isinstance(doc.get('labels'), list) or not isinstance(doc.get('replace', False), bool)):
+        raise RequestError('a feedback body is {"model": NAME, "labels": [{"request_id": ID, "index": 0, "label": VALUE}, ...], "replace": false}', status=422)
     labels = doc['labels']
     if not labels: raise RequestError("no labels: the list is empty", status=422)
     if len(labels) > max_labels: raise RequestError(f"at most {max_labels:,} labels per request, not {len(labels):,}", status=422, hint="send them in several requests")
-    out,errors = [],[]
+    out,refused = [],[]
     for i,x in enumerate(labels):
-        if not isinstance(x, dict): errors.append({'record': i, 'field': None, 'reason': "a label is an object"}); continue
+        no = lambda f, why: refused.append({'record': i, 'field': f, 'reason': why})
+        if not isinstance(x, dict): no(None, "a label is an object"); continue
         extra = set(x) - {'request_id', 'index', 'label'}
-        if extra: errors.append({'record': i, 'field': sorted(extra)[0], 'reason': "unknown field"}); continue
+        if extra: no(sorted(extra)[0][:64], "unknown field"); continue
         rid,idx = x.get('request_id'),x.get('index', 0)
-        if not isinstance(rid, str) or not _ID.match(rid): errors.append({'record': i, 'field': 'request_id', 'reason': "a request id from an answer (letters, digits, . _ : -)"}); continue
-        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0: errors.append({'record': i, 'field': 'index', 'reason': "an integer >= 0"}); continue
-        if 'label' not in x: errors.append({'record': i, 'field': 'label', 'reason': "missing field"}); continue
-        try: out.append({'request_id': rid, 'index': idx, 'label': _label_value(x['label'], i)})
-        except RequestError as e: errors += e.errors
-    if errors: raise RequestError(f"{len(errors)} of {len(labels)} labels are invalid; none was stored", status=422, errors=errors[:20])
-    return doc['model'], out
+        if not isinstance(rid, str) or not _ID.match(rid): no('request_id', "a request id from an answer (letters, digits, . _ : -)"); continue
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < 2**31: no('index', "an integer >= 0"); continue
+        if 'label' not in x: no('label', "missing field"); continue
+        if (why := _label_value(x['label'])) is not None: no('label', why); continue
+        out.append({'record': i, 'request_id': rid, 'index': idx, 'label': x['label']})
+    return Feedback(doc['model'], out, refused, doc.get('replace', False), len(labels))
 
 # %% ../nbs/27_feedback.ipynb #a38882b1
 def label_log(store:Path, model:str, writer:str='local'):
@@ -54,33 +72,170 @@ def label_log(store:Path, model:str, writer:str='local'):
     from nbprod.audit import AuditLog
     return AuditLog(Path(store)/'labels', model, replica=writer)
 
+_LABEL_COLUMNS = ['request_id', 'index', 'label', 'time', 'source', 'replaces']
+
 def read_labels(store:Path, model:str) -> pd.DataFrame:
-    "Every label of `model`, oldest first: request_id, index, label, time, source."
+    "Every label of `model`, oldest first: request_id, index, label, time, source, and what it replaced (None unless it replaced a label)."
     from nbprod.audit import _read_lines
     rows = [r for p in sorted((Path(store)/'labels'/model).rglob('*.jsonl')) for r in _read_lines(p)]
-    df = pd.DataFrame.from_records(rows, columns=['request_id', 'index', 'label', 'time', 'source'])
+    df = pd.DataFrame.from_records(rows, columns=_LABEL_COLUMNS)
+    df['replaces'] = df['replaces'].astype(object).where(df['replaces'].notna(), None)
     return df.sort_values('time', kind='stable').reset_index(drop=True)
 
-def load_labels(store:Path, model:str, path, id_column:str='request_id', label_column:str='label', index_column:str='index') -> int:
-    "Append the labels of a CSV or Parquet file (request id, label, optionally index columns); returns how many."
+# %% ../nbs/27_feedback.ipynb #2fd2eda6
+class RecordTail:
+    "The records appended to the JSON-lines files under `folder` since the last `read()`, and those of Parquet files new since."
+    def __init__(self, folder:Path):
+        self.folder,self._offsets,self._parquet = Path(folder),{},set()
+
+    def read(self) -> list[dict]:
+        if not self.folder.exists(): return []
+        out = []
+        for p in sorted(self.folder.rglob('*.parquet')):
+            if p in self._parquet: continue
+            try: out += pd.read_parquet(p).to_dict('records')
+            except FileNotFoundError: continue
+            self._parquet.add(p)
+        for p in sorted(self.folder.rglob('*.jsonl')):
+            at = self._offsets.get(p, 0)
+            try:
+                with open(p, 'rb') as f:
+                    f.seek(at)
+                    data = f.read()
+            except FileNotFoundError: continue        # compacted meanwhile: its records are in a Parquet file now
+            end = data.rfind(b'\n') + 1                # a line still being written waits for the next read
+            for line in data[:end].split(b'\n'):
+                if line.strip():
+                    try: out.append(json.loads(line))
+                    except ValueError: pass           # an edited line: nbprod audit verify names it
+            self._offsets[p] = at + end
+        return out
+
+# %% ../nbs/27_feedback.ipynb #293259e0
+class AnswerIndex:
+    "Each request id a model answered: the key it was answered to (its id) and how many records it had; from the audit log, followed."
+    def __init__(self, audit_folder:Path, model:str):
+        self.tail,self.by_id,self._lock = RecordTail(Path(audit_folder)/model),{},threading.Lock()
+        self.refresh()
+
+    def refresh(self):
+        with self._lock: new = self.tail.read()   # one reader at a time (an endpoint's threads)
+        for r in new:
+            if not str(r.get('variant', '')).startswith('shadow:') and isinstance(r.get('request_id'), str):
+                owner = r.get('key_id') or (f"name:{r['key']}" if isinstance(r.get('key'), str) else None)   # records before key ids: the key's name
+                self.add(r['request_id'], owner, int(r.get('index') or 0) + 1)
+
+    def add(self, rid:str, owner:str|None, records:int):
+        was = self.by_id.get(rid)
+        self.by_id[rid] = (owner if was is None else was[0], max(records, was[1] if was else 0))
+
+    def __contains__(self, rid): return rid in self.by_id
+    def get(self, rid:str) -> tuple[str|None, int]|None: return self.by_id.get(rid)
+
+class LabelIndex:
+    "The label each prediction `(request id, index)` of a model has now: the first it got, unless one replaced it explicitly; from the label log, followed."
+    def __init__(self, label_folder:Path, model:str):
+        self.tail,self.now,self._lock = RecordTail(Path(label_folder)/model),{},threading.Lock()
+        self.refresh()
+
+    def refresh(self):
+        with self._lock: new = self.tail.read()
+        for r in new: self.note(r)
+
+    def note(self, r:dict):
+        k = (r.get('request_id'), int(r.get('index') or 0))
+        if k not in self.now or r.get('replaces') is not None: self.now[k] = {x: r.get(x) for x in ('label', 'source', 'time')}
+
+    def get(self, rid:str, index:int) -> dict|None: return self.now.get((rid, index))
+    def forget(self, rid:str, index:int, was:dict|None):
+        if was is None: self.now.pop((rid, index), None)
+        else: self.now[(rid, index)] = was
+
+# %% ../nbs/27_feedback.ipynb #c6db2217
+def _same(v):
+    "A label or prediction as a comparable value: numbers (and booleans) as floats, anything else as text."
+    if isinstance(v, (bool, int, float, np.number)): return float(v)
+    try: return float(v)
+    except (TypeError, ValueError): return str(v)
+
+@dataclass(frozen=True)
+class LabelRule:
+    "What the labels of a model must be: `regression` (finite numbers), `classification` (one of `classes`) or `any`."
+    task: str = 'any'
+    classes: tuple|None = None
+
+    def reason(self, v) -> str|None:
+        "Why `v` (a well-formed label) is not a label of this model, or None."
+        if self.task == 'regression' and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"this model is a regressor: a label is a number, not {json.dumps(v)[:40]}"
+        if self.task == 'classification' and _same(v) not in {_same(c) for c in self.classes}:
+            shown = ', '.join(map(str, self.classes[:20])) + (', ...' if len(self.classes) > 20 else '')
+            return f"{json.dumps(v)[:40]} is not a class this classifier was trained on: {shown}"
+        return None
+
+def label_rule(model) -> LabelRule:
+    "The `LabelRule` of a served model (an estimator, a pipeline, or a wrapped pyfunc model)."
+    classes = getattr(model, 'classes_', None)
+    if classes is not None:
+        return LabelRule('classification', tuple(c.item() if hasattr(c, 'item') else c for c in np.asarray(classes).tolist()))
+    try:
+        from sklearn.base import is_regressor
+        if is_regressor(model): return LabelRule('regression')
+    except Exception: pass
+    return LabelRule()
+
+# %% ../nbs/27_feedback.ipynb #da8f5c04
+def screen(fb:Feedback, answers:AnswerIndex, labelled:LabelIndex, rule:LabelRule=LabelRule(), key=None, may_relabel:bool=False) -> tuple[list, list]:
+    "`(labels to store, refusals)` of `fb`: `key` (an `ApiKey`, None under open access) may label its own predictions, any with `may_relabel`; `fb.replace` replaces labels (with `may_relabel` only)."
+    good,refused = [],list(fb.refused)
+    mine = {None} if key is None else {key.id, f"name:{key.name}"}
+    seen = set()
+    for x in fb.labels:
+        no = lambda f, why: refused.append({'record': x['record'], 'field': f, 'reason': why})
+        rid,idx = x['request_id'],x['index']
+        found = answers.get(rid)
+        if found is None or not (may_relabel or found[0] in mine):
+            no('request_id', "no prediction with this request id" + ("" if may_relabel else " was answered to this key")); continue
+        if idx >= found[1]: no('index', f"request {rid} had {found[1]} record{'s' if found[1] > 1 else ''}: index 0 to {found[1] - 1}"); continue
+        if (why := rule.reason(x['label'])) is not None: no('label', why); continue
+        was = labelled.get(rid, idx)
+        if (rid, idx) in seen: no('index', "this prediction is labelled twice in this request"); continue
+        if was is not None and not (fb.replace and may_relabel):
+            no('label', f"already labelled ({json.dumps(was['label'])[:40]}, {was.get('source')}, {was.get('time')}); the first label stands"
+                        + ("; send replace: true to replace it" if may_relabel else "; only a key with the labels scope may replace it")); continue
+        seen.add((rid, idx))
+        good.append({'request_id': rid, 'index': idx, 'label': x['label'], **({'replaces': was} if was is not None else {})})
+    return good, sorted(refused, key=lambda r: r['record'])
+
+# %% ../nbs/27_feedback.ipynb #9f46ac14
+@dataclass
+class LabelLoad:
+    "What `load_labels` did: labels stored, replaced, and each refused row with the reason."
+    stored: int
+    replaced: int
+    refused: list
+
+def load_labels(store:Path, model:str, path, id_column:str='request_id', label_column:str='label', index_column:str='index',
+                replace:bool=False, rule:LabelRule=LabelRule()) -> LabelLoad:
+    "Append the labels of a CSV or Parquet file (request id, label, optionally index columns) that pass `screen`; each other row is refused with its reason."
     path = Path(path)
     if not path.is_file(): raise NbprodError(f"no file at {path}", hint="give a .csv or .parquet file with request_id and label columns")
     try: df = pd.read_parquet(path) if path.suffix.lower() in ('.parquet', '.pq') else pd.read_csv(path, dtype={id_column: str})
     except Exception as e: raise NbprodError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     missing = [c for c in (id_column, label_column) if c not in df]
     if missing: raise NbprodError(f"{path.name} has no column {', '.join(map(repr, missing))}", hint=f"its columns: {', '.join(map(str, df.columns))}; name others with --id-column/--label-column")
+    if df.empty: raise NbprodError(f"{path.name} has no rows")
     idx = df[index_column] if index_column in df else pd.Series(0, index=df.index)
-    records = [{'request_id': str(r), 'index': int(i), 'label': l} for r,i,l in zip(df[id_column], idx, df[label_column].tolist())]
-    body = json.dumps({'model': model, 'labels': records}, default=lambda v: v.item() if hasattr(v, 'item') else str(v)).encode()
-    try: _,good = parse_feedback(body, max_labels=max(len(records), 1))   # the same rules as the endpoint's
-    except RequestError as e:
-        first = e.errors[0] if e.errors else {}
-        raise NbprodError(f"{path.name}: {e.message}" + (f" (row {first.get('record')}: {first.get('field')}: {first.get('reason')})" if first else ''),
-                          hint="fix those rows; nothing was stored") from None
-    log = label_log(store, model, 'file')
-    try: log.write_sync([{**r, 'source': f"file:{path.name}"} for r in good])
-    finally: log.close()
-    return len(good)
+    records = [{'request_id': None if pd.isna(r) else str(r), 'index': i, 'label': l} for r,i,l in zip(df[id_column], idx.tolist(), df[label_column].tolist())]
+    body = json.dumps({'model': model, 'labels': records, 'replace': replace}, allow_nan=True,
+                      default=lambda v: v.item() if hasattr(v, 'item') else str(v)).encode()
+    fb = parse_feedback(body, max_labels=len(records))   # the same rules as the endpoint's
+    good,refused = screen(fb, AnswerIndex(Path(store)/'audit', model), LabelIndex(Path(store)/'labels', model), rule, None, may_relabel=True)
+    if good:
+        log = label_log(store, model, 'file')
+        try: log.write_sync([{**r, 'source': f"file:{path.name}"} for r in good])
+        finally: log.close()
+    return LabelLoad(len(good), sum('replaces' in r for r in good), refused)
 
 # %% ../nbs/27_feedback.ipynb #024a2b12
 @dataclass
@@ -89,8 +244,9 @@ class LabelJoin:
     frame: pd.DataFrame
     predictions: int          # answered records in the audit log (shadows excluded)
     labels: int               # labels received
-    duplicates: int           # labels that a later label of the same record replaced
+    duplicates: int           # second labels of a record that did not replace the first (stored before labels were screened)
     unmatched: int            # labels of records the audit log does not have
+    replaced: int = 0         # labels replaced explicitly by a later one
 
 def _prediction(v):
     v = json.loads(v) if isinstance(v, str) else v
@@ -98,31 +254,33 @@ def _prediction(v):
         v = next((x for x in v.values() if isinstance(x, (int, float, str, bool))), None)
     return v
 
+def current_labels(labels:pd.DataFrame) -> pd.DataFrame:
+    "The label each record has now: its first, unless a later one replaced it explicitly (the last such)."
+    first = labels.drop_duplicates(['request_id', 'index'], keep='first')
+    again = labels[labels['replaces'].notna()].drop_duplicates(['request_id', 'index'], keep='last')
+    return pd.concat([first, again]).drop_duplicates(['request_id', 'index'], keep='last')
+
 def join_labels(store:Path, model:str) -> LabelJoin:
-    "The model's audited predictions joined with their latest label by (request id, index)."
+    "The model's audited predictions joined with their current label (`current_labels`) by (request id, index)."
     from nbprod.audit import read_audit
     audit = read_audit(Path(store)/'audit', model)
     audit = audit[~audit['variant'].astype(str).str.startswith('shadow:')]
     labels = read_labels(store, model)
-    latest = labels.drop_duplicates(['request_id', 'index'], keep='last')
+    now = current_labels(labels)
     preds = audit[['time', 'request_id', 'index', 'version', 'variant', 'inputs', 'outputs']].copy()
     preds['inputs'] = [json.loads(v) if isinstance(v, str) else v for v in preds['inputs']]
     preds['index'] = preds['index'].astype('int64')
     preds['prediction'] = [_prediction(v) for v in preds.pop('outputs')]
-    merged = preds.merge(latest[['request_id', 'index', 'label']].astype({'index': 'int64'}), on=['request_id', 'index'], how='inner')
+    preds = preds.drop_duplicates(['request_id', 'index'], keep='first')   # one request id answered twice (before ids were unique): its first answer
+    merged = preds.merge(now[['request_id', 'index', 'label']].astype({'index': 'int64'}), on=['request_id', 'index'], how='inner')
     keys = set(zip(preds.request_id, preds['index']))
-    unmatched = sum((r, i) not in keys for r,i in zip(latest.request_id, latest['index']))
+    unmatched = sum((r, i) not in keys for r,i in zip(now.request_id, now['index']))
     merged['time'] = pd.to_datetime(merged['time'], utc=True, format='ISO8601')
-    return LabelJoin(merged.reset_index(drop=True), len(preds), len(labels), len(labels) - len(latest), unmatched)
+    replaced = int(labels['replaces'].notna().sum())
+    return LabelJoin(merged.reset_index(drop=True), len(preds), len(labels), len(labels) - len(now) - replaced, unmatched, replaced)
 
 # %% ../nbs/27_feedback.ipynb #8c7d1f56
 METRICS = {'mae': 'lower', 'rmse': 'lower', 'accuracy': 'higher', 'auc': 'higher'}
-
-def _same(v):
-    "A label or prediction as a comparable value: numbers (and booleans) as floats, anything else as text."
-    if isinstance(v, (bool, int, float, np.number)): return float(v)
-    try: return float(v)
-    except (TypeError, ValueError): return str(v)
 
 def _numbers(values, what:str):
     try: return np.asarray(values, float)

@@ -157,9 +157,11 @@ def test_check_alerts_webhook_labels_and_exit_codes(tmp_path_factory, tmp_path):
                            'outputs': 150.0 + i} for i in range(20)])
         audit.close()
         pd.DataFrame({'request_id': [f'q{i}' for i in range(20)] + ['nobody'], 'label': [152.3 + i for i in range(20)] + [1.0]}).to_csv(tmp_path/'truth.csv', index=False)
-        r = p.cli('monitor', 'labels', tmp_path/'truth.csv', '--model', 'bikes')
-        assert r.returncode == 0 and 'stored 21 labels' in r.stdout and '20 of 20 answered predictions now have one' in r.stdout, r.stdout + r.stderr
-        assert '1 labels match no prediction' in r.stdout
+        r = p.cli('monitor', 'labels', tmp_path/'truth.csv', '--model', 'bikes')   # one row names a request nobody made: refused, the rest stored
+        assert r.returncode == 1 and 'stored 20 labels' in r.stdout and '20 of 20 answered predictions now have one' in r.stdout, r.stdout + r.stderr
+        assert 'row 20 refused: request_id: no prediction with this request id' in r.stderr and '1 rows refused' in r.stderr, r.stderr
+        r = p.cli('monitor', 'labels', tmp_path/'truth.csv', '--model', 'bikes')   # again: the first labels stand
+        assert r.returncode == 1 and 'stored 0 labels' in r.stdout and 'the first label stands' in r.stderr, r.stdout + r.stderr
         r = p.cli('monitor', 'performance', 'bikes')
         assert r.returncode == 0 and 'mae against a baseline of 2' in r.stdout and '2.3' in r.stdout and 'warning' in r.stdout, r.stdout + r.stderr
         r = check()

@@ -31,7 +31,7 @@ def served(tmp_path_factory):
                                      registered_model_name='bikeshare', serialization_format='cloudpickle')
     client.set_registered_model_alias('bikeshare', 'champion', '1')
     _, key = create_key(s, 'tests', ['bikeshare', 'bikeshare-shadow'])
-    _, other = create_key(s, 'other-team', ['taxi'])
+    _, other = create_key(s, 'other-team', ['bikeshare-shadow'])   # a key for another served model
     proc = p.popen('serve')
     url = f'http://127.0.0.1:{port}'
     out, err = [], []   # what nbprod serve prints, read as it comes (the banner comes once serve.run returns, after /readyz answers)
