@@ -220,7 +220,9 @@ def check_model(settings:Settings, model:str, now:float) -> tuple[ModelHealth, l
             _,perf = performance_report(settings, model)
             alerts += performance_alerts(model, perf)
             if not perf.empty: h.performance = _worst(perf[perf.window == perf.window.max()].status.replace('unknown', 'ok'))
-        except NbprodError as e: h.notes.append(f"performance not measured: {e.message}")
+        except NbprodError as e:   # watched but not measurable (labels that are not numbers, no baseline): never 'ok'
+            h.notes.append(f"performance not measured: {e.message}" + (f" ({e.hint})" if e.hint else ''))
+            h.performance = 'warning'
         except Exception as e: h.notes.append(f"performance not measured: {type(e).__name__}: {e}"); h.error = True
     stale_after = settings.stale_after_s if settings.profile_traffic else 0   # no profiles by choice: nothing to be stale
     if (s := stale_alert(model, latest_traffic(settings.store/'profiles', model), now, stale_after)) is not None:

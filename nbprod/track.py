@@ -167,6 +167,7 @@ def log_model(model, name:str='model', X_example=None, registered_name:str|None=
     import mlflow
     from mlflow.models import infer_signature
     from nbprod.explain import background_sample
+    from nbprod.validation import domain_of
     client,rid = current_run()
     torch_model = _torch_module(model)
     if torch_model:   # a copy, for the CPU: serving and explanations run there (the caller's model stays where it is)
@@ -182,6 +183,8 @@ def log_model(model, name:str='model', X_example=None, registered_name:str|None=
         meta['request_schema'] = infer_signature(_head(request_example, 100)).inputs.to_json()
     if X_example is not None and (bg := background_sample(X_example)) is not None:
         meta['background'] = bg       # what the endpoint's explanations are measured against
+    if hasattr(frame := X_example if request_example is None else request_example, 'columns'):
+        meta['domain'] = domain_of(frame)   # what training saw of each column (all rows): the endpoint checks requests against it
     if meta: kwargs['metadata'] = {**(kwargs.get('metadata') or {}), 'nbprod': meta}
     if not infer_requirements and 'pip_requirements' not in kwargs and 'extra_pip_requirements' not in kwargs:
         kwargs['pip_requirements'] = _torch_requirements() if torch_model else _default_requirements(kwargs)

@@ -4,26 +4,41 @@
 
 # %% ../nbs/17_validation.ipynb #4e6d0592
 from __future__ import annotations
-import json
-from dataclasses import dataclass
+import json, math, sys
+from dataclasses import dataclass, replace
 from typing import Annotated, Optional
+from fastcore.basics import patch
 from .errors import ConfigError, RequestError
 
 # %% auto #0
-__all__ = ['InputField', 'fields_of', 'record_model', 'RequestValidator']
+__all__ = ['MAX_STRING', 'MAX_DEPTH', 'MAX_KEYS', 'InputField', 'fields_of', 'domain_of', 'record_model', 'RequestValidator']
 
 # %% ../nbs/17_validation.ipynb #adf3d5a3
 @dataclass(frozen=True)
 class InputField:
-    "One input column of a model: name, MLflow type name, required."
+    "One input column of a model: name, MLflow type name, required; and what training saw of it: its categories or its range."
     name: str
     type: str
     required: bool = True
+    categories: tuple|None = None   # the values a string or integer column took in training (few of them)
+    minimum: float|None = None      # the smallest value a numeric column took in training
+    maximum: float|None = None      # the largest
 
 _TYPES = ('boolean', 'integer', 'long', 'float', 'double', 'string')
+_NUMBERS = ('integer', 'long', 'float', 'double')
 
-def fields_of(schema) -> list[InputField]:
-    "The input fields of an MLflow `Schema` of named columns (a model's `signature.inputs`)."
+def _with_domain(f:InputField, seen:dict|None) -> InputField:
+    "`f` with what training saw of it (`{'categories': [...]}` or `{'min': x, 'max': y}`), where its type can carry it."
+    if not seen: return f
+    if seen.get('categories') is not None and f.type in ('string', 'integer', 'long'):
+        fits = (lambda c: isinstance(c, str)) if f.type == 'string' else (lambda c: isinstance(c, int) and not isinstance(c, bool))
+        return replace(f, categories=tuple(c for c in seen['categories'] if fits(c)))
+    if f.type in _NUMBERS and (seen.get('min') is not None or seen.get('max') is not None):
+        return replace(f, minimum=seen.get('min'), maximum=seen.get('max'))
+    return f
+
+def fields_of(schema, domain:dict|None=None) -> list[InputField]:
+    "The input fields of an MLflow `Schema` of named columns (a model's `signature.inputs`), with the `domain` training saw (`domain_of`)."
     if schema is None or not schema.inputs:
         raise ConfigError("the model has no input signature", hint="log it with track.log_model(model, X_example=X) so nbprod can check requests")
     if schema.is_tensor_spec() or not schema.has_input_names():
@@ -32,51 +47,188 @@ def fields_of(schema) -> list[InputField]:
     for c in schema.inputs:
         t = c.type.name if hasattr(c.type, 'name') else str(c.type)
         if t not in _TYPES: raise ConfigError(f"input {c.name!r} has type {t}, which nbprod's endpoints do not take yet", allowed=", ".join(_TYPES))
-        out.append(InputField(c.name, t, getattr(c, 'required', True)))
+        out.append(_with_domain(InputField(c.name, t, getattr(c, 'required', True)), (domain or {}).get(c.name)))
+    return out
+
+# %% ../nbs/17_validation.ipynb #581fa0d0
+def _plain(v):
+    "A numpy scalar as the Python value JSON writes."
+    return v.item() if hasattr(v, 'item') else v
+
+def domain_of(frame, max_categories:int=50) -> dict:
+    "What training saw of each column of `frame`: the sorted values of a text or categorical column with at most `max_categories` of them, the min and max of a numeric one."
+    import numpy as np, pandas as pd
+    out = {}
+    for name in frame.columns:
+        s = frame[name]
+        if pd.api.types.is_bool_dtype(s.dtype): continue
+        if pd.api.types.is_numeric_dtype(s.dtype):
+            x = s.to_numpy(dtype='float64', na_value=np.nan)
+            if len(x := x[np.isfinite(x)]): out[str(name)] = {'min': float(x.min()), 'max': float(x.max())}
+        elif isinstance(s.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(s.dtype) or pd.api.types.is_string_dtype(s.dtype):
+            if not 0 < len(found := s.dropna().unique()) <= max_categories: continue    # none, or free text
+            values = [_plain(v) for v in found]
+            if {type(v) for v in values} in ({str}, {int}): out[str(name)] = {'categories': sorted(values)}
     return out
 
 # %% ../nbs/17_validation.ipynb #d69e8a31
-def _annotation(f:InputField):
+MAX_STRING = 4096                      # characters in one string field
+_INTS = {'integer': (-2**31, 2**31 - 1), 'long': (-2**63, 2**63 - 1)}
+_FLOAT_MAX = {'float': 3.4028234663852886e38, 'double': sys.float_info.max}   # beyond, float32 and float64 are infinite
+
+def _annotation(f:InputField, ranges:bool=False, max_string:int=MAX_STRING):
     from pydantic import Field
-    strict = dict(strict=True)
-    base = {'boolean': Annotated[bool, Field(**strict)],
-            'integer': Annotated[int, Field(ge=-2**31, le=2**31 - 1, **strict)],
-            'long': Annotated[int, Field(ge=-2**63, le=2**63 - 1, **strict)],
-            'float': Annotated[float, Field(allow_inf_nan=not f.required, **strict)],
-            'double': Annotated[float, Field(allow_inf_nan=not f.required, **strict)],
-            'string': Annotated[str, Field(**strict)]}[f.type]
+    extra = {'enum': list(f.categories)} if f.categories is not None else {}   # for the schema; the validator checks them itself
+    if ranges: extra.update({k: v for k,v in (('minimum', f.minimum), ('maximum', f.maximum)) if v is not None})
+    kw = dict(strict=True, json_schema_extra=extra or None)
+    if f.type in _INTS: base = Annotated[int, Field(ge=_INTS[f.type][0], le=_INTS[f.type][1], **kw)]
+    elif f.type in _FLOAT_MAX: base = Annotated[float, Field(ge=-_FLOAT_MAX[f.type], le=_FLOAT_MAX[f.type], allow_inf_nan=False, **kw)]
+    elif f.type == 'string': base = Annotated[str, Field(max_length=max_string, **kw)]
+    else: base = Annotated[bool, Field(**kw)]
     return (base, ...) if f.required else (Optional[base], None)
 
-def record_model(model_name:str, fields:list[InputField]):
-    "A pydantic model of one record: the fields, strictly typed, nothing else allowed."
+def record_model(model_name:str, fields:list[InputField], ranges:bool=False, max_string:int=MAX_STRING):
+    "A pydantic model of one record: the fields, strictly typed, nothing else allowed (`ranges`: the training ranges in its schema)."
     from pydantic import ConfigDict, create_model
     ident = ''.join(ch if ch.isalnum() else '_' for ch in model_name.title())
-    return create_model(f"{ident}Record", __config__=ConfigDict(extra='forbid'), **{f.name: _annotation(f) for f in fields})
+    return create_model(f"{ident}Record", __config__=ConfigDict(extra='forbid'),
+                        **{f.name: _annotation(f, ranges, max_string) for f in fields})
+
+def _record_dict(model_name:str, fields:list[InputField], ranges:bool=False, max_string:int=MAX_STRING):
+    "The same record as a `TypedDict`: pydantic validates into plain dicts, nearly twice as fast as into a model."
+    from pydantic import ConfigDict, Field
+    from typing_extensions import TypedDict
+    def typed(f):
+        base,default = _annotation(f, ranges, max_string)
+        return base if default is ... else Annotated[base, Field(default=None)]
+    ident = ''.join(ch if ch.isalnum() else '_' for ch in model_name.title())
+    record = TypedDict(f"{ident}RecordDict", {f.name: typed(f) for f in fields})
+    record.__pydantic_config__ = ConfigDict(extra='forbid')
+    return record
+
+# %% ../nbs/17_validation.ipynb #7f38f4af
+MAX_DEPTH, MAX_KEYS = 32, 256
+_BRACKETS = bytes.maketrans(b'{}', b'[]')
+_KEEP = b'[]{}\\N:'         # what the limits look at: brackets, escapes, NaN's N, colons (one per key)
+_NOT_KEPT = bytes(c for c in range(256) if c not in _KEEP)
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b'[]{}')
+
+def _nesting(raw:bytes, limit:int) -> int:
+    "How deep the brackets of `raw` nest, counted up to `limit + 1` (unbalanced ones: as far as they peel)."
+    b = raw.translate(_BRACKETS, _NOT_BRACKET)
+    for depth in range(limit + 1):
+        if not b: return depth
+        peeled = b.replace(b'[]', b'')
+        if len(peeled) == len(b): return depth    # unbalanced: json.loads says where it broke
+        b = peeled
+    return limit + 1
+
+def _outside_strings(raw:bytes) -> bytes:
+    "`raw` without its JSON strings: escaped backslashes and quotes dropped, then what lies between quotes."
+    return b''.join(raw.replace(b'\\\\', b'').replace(b'\\"', b'').split(b'"')[::2])
+
+def _too_deep(limit:int) -> RequestError:
+    return RequestError(f"the body nests arrays and objects more than {limit} deep", status=400, hint="send one record (an object of fields) or an array of records")
+
+def _read(body, max_bytes:int, max_depth:int=MAX_DEPTH) -> tuple[str, object, bytes]:
+    "`(text, data, marks)`: `body` decoded and parsed as JSON under the limits above, or a `RequestError` (413, 400); `marks`: its brackets, backslashes, N and colons."
+    if not isinstance(body, (bytes, bytearray, memoryview, str)):
+        raise RequestError(f"the body must be bytes or text, not {type(body).__name__}", status=400)
+    if len(body) > max_bytes:
+        raise RequestError(f"the body is {len(body):,} bytes, over the limit of {max_bytes:,}", status=413, hint="send fewer records per request")
+    if isinstance(body, str):
+        try: text,raw = body,body.encode()
+        except UnicodeEncodeError as e: raise RequestError(f"the body is not valid Unicode: a lone surrogate at character {e.start}", status=400) from None
+    else:
+        raw = bytes(body)
+        if raw[:3] == b'\xef\xbb\xbf': raw = raw[3:]          # a UTF-8 BOM is ignored
+        try: text = raw.decode()
+        except UnicodeDecodeError as e:
+            raise RequestError(f"the body is not UTF-8: byte {e.start} is {raw[e.start]:#04x}", status=400, hint="send JSON encoded as UTF-8") from None
+    marks = raw.translate(None, _NOT_KEPT)             # one pass over the body, at C speed
+    if marks.count(b'[') + marks.count(b'{') > max_depth and _nesting(marks, max_depth) > max_depth \
+       and _nesting(_outside_strings(raw), max_depth) > max_depth: raise _too_deep(max_depth)
+    try: return text, json.loads(text), marks
+    except RecursionError: raise _too_deep(max_depth) from None
+    except json.JSONDecodeError as e: raise RequestError(f"malformed JSON: {e}", status=400) from None
+    except ValueError: raise RequestError(f"malformed JSON: an integer of more than {sys.get_int_max_str_digits():,} digits", status=400) from None
 
 # %% ../nbs/17_validation.ipynb #f0136797
 _JSON_TYPE = {bool: 'a boolean', int: 'an integer', float: 'a number', str: 'a string', list: 'an array', dict: 'an object', type(None): 'null'}
 _EXPECTED = {'boolean': 'true or false', 'integer': 'a 32-bit integer', 'long': 'an integer', 'float': 'a number',
              'double': 'a number', 'string': 'a string'}
 
+def _short(x, n:int=40) -> str:
+    "`repr(x)` cut to `n` characters: an answer never echoes a whole value."
+    s = repr(x)
+    return s if len(s) <= n else s[:n - 1] + '…'
+
+def _name(k) -> str:
+    "A field name as an answer shows it: printable, at most 64 characters."
+    k = str(k).encode('utf-8', 'backslashreplace').decode()
+    return k if len(k) <= 64 else k[:63] + '…'
+
 def _reason(e:dict, fields:dict) -> str:
     kind,got = e['type'],e.get('input')
     if kind == 'missing': return "missing field"
     if kind == 'extra_forbidden': return "unknown field"
-    if kind == 'finite_number': return "NaN or infinity is not allowed"
-    if kind == 'model_type': return f"a record must be an object, got {_JSON_TYPE.get(type(got), type(got).__name__)}"
+    if kind == 'finite_number': return "NaN or infinity is not allowed" + ("" if got != got else ": a number too large for a double")
+    if kind in ('model_type', 'dict_type'): return f"a record must be an object, got {_JSON_TYPE.get(type(got), type(got).__name__)}"
     f = fields.get(e['loc'][-1]) if e['loc'] else None
-    if kind in ('greater_than_equal', 'less_than_equal'): return f"{got} is out of range for {f.type if f else 'this field'}"
-    if f is not None: return f"expected {_EXPECTED[f.type]}, got {_JSON_TYPE.get(type(got), type(got).__name__)}" + (f" {got!r}" if isinstance(got, (str, int, float)) and not isinstance(got, bool) else "")
+    if kind == 'string_too_long': return f"a string of {len(got):,} characters; at most {e['ctx']['max_length']:,}"
+    if kind in ('greater_than_equal', 'less_than_equal') or (kind == 'float_type' and type(got) is int):
+        return f"{_short(got)} is out of range for {f.type if f else 'this field'}"
+    if f is not None: return f"expected {_EXPECTED[f.type]}, got {_JSON_TYPE.get(type(got), type(got).__name__)}" + (f" {_short(got)}" if isinstance(got, (str, int, float)) and not isinstance(got, bool) else "")
     return e['msg']
 
+def _refusal(headline:str, problems:list[dict], total:int, status:int=422, hint:str|None=None) -> RequestError:
+    "One `RequestError` for `problems` (`{'record', 'field', 'reason'}`, at most 50 kept): the first in the message, how many more."
+    first = problems[0]
+    where = (f"record {first['record']}, " if first['record'] is not None else '') + (f"field {first['field']!r}: " if first['field'] else '')
+    more = f" (and {total - 1} more)" if total > 1 else ''
+    return RequestError(f"{headline}: {where}{first['reason']}{more}", status=status, errors=problems[:50], hint=hint)
+
+# %% ../nbs/17_validation.ipynb #ad9fdcd0
+def _lone_surrogate(x, field=None):
+    "`(field, reason)` of the first string in `x` (keys too) with a lone surrogate, else None."
+    if isinstance(x, str):
+        if x.isascii(): return None
+        try: x.encode(); return None
+        except UnicodeEncodeError as e: return field, f"a lone surrogate (\\u{ord(x[e.start]):04x}) is not valid Unicode"
+    if isinstance(x, dict):
+        for k,v in x.items():
+            if found := _lone_surrogate(k, field or k) or _lone_surrogate(v, field or k): return found
+    elif isinstance(x, list):
+        for v in x:
+            if found := _lone_surrogate(v, field): return found
+    return None
+
+def _refuse_surrogates(records:list, many:bool):
+    "A 400 naming each record and field whose text holds a lone surrogate (JSON's `\\ud800`), if any."
+    problems = [{'record': i if many else None, 'field': _name(found[0]) if found[0] is not None else None, 'reason': found[1]}
+                for i,r in enumerate(records) if (found := _lone_surrogate(r))]
+    if problems: raise _refusal("invalid text", problems, len(problems), status=400,
+                                hint="send characters beyond U+FFFF as UTF-8 or as a surrogate pair (\\ud83d\\ude00)")
+
+# %% ../nbs/17_validation.ipynb #d57db503
+_RANGES = ('off', 'warn', 'refuse')
+
 class RequestValidator:
-    "Checks prediction request bodies against a model's input fields and turns them into a DataFrame."
-    def __init__(self, model_name:str, fields:list[InputField], max_records:int=1000, max_bytes:int=1_000_000):
+    "Checks prediction request bodies against a model's input fields and what training saw of them, and turns them into a DataFrame."
+    def __init__(self, model_name:str, fields:list[InputField], max_records:int=1000, max_bytes:int=1_000_000,
+                 validate_ranges:str='warn',      # a number outside the training range: 'off', 'warn' (accepted, warned) or 'refuse' (422)
+                 max_depth:int=MAX_DEPTH, max_string:int=MAX_STRING, max_keys:int=MAX_KEYS):
         from pydantic import TypeAdapter
+        if validate_ranges not in _RANGES: raise ConfigError("unknown validate_ranges", value=validate_ranges, allowed=", ".join(_RANGES))
         self.model_name,self.fields,self.max_records,self.max_bytes = model_name,list(fields),max_records,max_bytes
+        self.validate_ranges,self.max_depth,self.max_string = validate_ranges,max_depth,max_string
+        self.max_keys = max(max_keys, len(self.fields))
         self.by_name = {f.name: f for f in self.fields}
-        self.Record = record_model(model_name, self.fields)
-        self._many = TypeAdapter(list[self.Record])
+        self.Record = record_model(model_name, self.fields, ranges=validate_ranges == 'refuse', max_string=max_string)
+        self._many = TypeAdapter(list[_record_dict(model_name, self.fields, validate_ranges == 'refuse', max_string)])   # the same, into dicts
+        self._optional_floats = [f.name for f in self.fields if not f.required and f.type in _FLOAT_MAX]
+        self._categories = {f.name: {*f.categories, *([] if f.required else [None])} for f in self.fields if f.categories is not None}
+        self._ranged = [f for f in self.fields if f.categories is None and (f.minimum, f.maximum) != (None, None)] if validate_ranges != 'off' else []
 
     def parse(self, body:bytes|str):
         "`(DataFrame, many)`: the records of `body` (one JSON object, or an array of them), or a `RequestError`."
@@ -85,11 +237,11 @@ class RequestValidator:
 
     def parse_records(self, body:bytes|str) -> tuple[list[dict], bool]:
         "`(records, many)`: the checked records of `body` as dicts (the endpoint makes one DataFrame per batch of requests)."
-        if len(body) > self.max_bytes:
-            raise RequestError(f"the body is {len(body):,} bytes, over the limit of {self.max_bytes:,}", status=413,
-                               hint="send fewer records per request")
-        try: data = json.loads(body)
-        except ValueError as e: raise RequestError(f"malformed JSON: {e}", status=400) from None
+        return self.parse_checked(body)[:2]
+
+    def parse_checked(self, body:bytes|str) -> tuple[list[dict], bool, list[dict]]:
+        "`(records, many, warnings)`: as `parse_records`, and each number outside the training range (`{'record', 'field', 'reason'}`) when `validate_ranges='warn'`."
+        text,data,marks = _read(body, self.max_bytes, self.max_depth)
         many = isinstance(data, list)
         if not many and not isinstance(data, dict):
             raise RequestError("the body must be a JSON object (one record) or an array of records", status=422)
@@ -97,10 +249,29 @@ class RequestValidator:
         if not records: raise RequestError("empty list: send at least one record", status=422)
         if len(records) > self.max_records:
             raise RequestError(f"{len(records)} records; at most {self.max_records} per request", status=422)
-        return [r.__dict__ for r in self.check(records, many)], many
+        if b'\\' in marks and ('\\ud' in text or '\\uD' in text): _refuse_surrogates(records, many)   # only a \u escape makes one
+        if marks.count(b':') > self.max_keys: self._refuse_wide(records, many)
+        if self._optional_floats and b'N' in marks and 'NaN' in text: self._nan_is_missing(records)
+        rows = self.check(records, many)
+        return rows, many, self._domain(rows, many)
+
+    def _refuse_wide(self, records:list, many:bool):
+        try:
+            if max(map(len, records)) <= self.max_keys: return
+        except TypeError: pass     # a number among the records: the walk below
+        problems = [{'record': i if many else None, 'field': None, 'reason': f"{len(r):,} fields; at most {self.max_keys}"}
+                    for i,r in enumerate(records) if type(r) is dict and len(r) > self.max_keys]
+        if problems: raise _refusal("invalid input", problems, len(problems), hint="GET /v1/models lists each model's fields and types")
+
+    def _nan_is_missing(self, records:list):
+        "NaN in an optional number is a missing value: None, as `null` would be."
+        for r in records:
+            if type(r) is dict:
+                for name in self._optional_floats:
+                    if type(x := r.get(name)) is float and x != x: r[name] = None
 
     def check(self, records:list, many:bool=True) -> list:
-        "The validated records, or a `RequestError` (422) listing each problem's record, field and reason."
+        "The validated records (dicts), or a `RequestError` (422) listing each problem's record, field and reason."
         from pydantic import ValidationError
         try: return self._many.validate_python(records)
         except ValidationError as e:
@@ -109,25 +280,53 @@ class RequestValidator:
                 loc = x['loc']
                 record = loc[0] if loc and isinstance(loc[0], int) else None
                 field = next((p for p in loc[1:] if isinstance(p, str)), None)
-                problems.append({'record': record if many else None, 'field': field, 'reason': _reason(x, self.by_name)})
-            first = problems[0]
-            where = (f"record {first['record']}, " if first['record'] is not None else '') + (f"field {first['field']!r}: " if first['field'] else '')
-            more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ''
-            raise RequestError(f"invalid input: {where}{first['reason']}{more}", status=422, errors=problems,
-                               hint="GET /v1/models lists each model's fields and types") from None
+                problems.append({'record': record if many else None, 'field': None if field is None else _name(field), 'reason': _reason(x, self.by_name)})
+            raise _refusal("invalid input", problems, e.error_count(), hint="GET /v1/models lists each model's fields and types") from None
 
-    def frame(self, records:list):
-        "The validated records (dicts, or what `check` returns) as a DataFrame with the signature's column order and dtypes."
-        import numpy as np, pandas as pd
-        rows = [r if isinstance(r, dict) else r.__dict__ for r in records]
-        dtypes = {'boolean': 'bool', 'integer': 'int32', 'long': 'int64', 'float': 'float32', 'double': 'float64'}
-        columns = {}
-        for f in self.fields:   # column by column: ten times faster than DataFrame.from_records(...).astype(...)
-            values = [r[f.name] for r in rows]
-            columns[f.name] = np.array(values, dtype=dtypes[f.type]) if f.required and f.type in dtypes else pd.Series(values, dtype=None if values else object)
-        return pd.DataFrame(columns, index=pd.RangeIndex(len(rows)))
+# %% ../nbs/17_validation.ipynb #e18710f5
+def _out_of_range(rows:list, f:InputField, many:bool) -> list[dict]:
+    "Each value of field `f` in `rows` outside its training range."
+    lo,hi = (-math.inf if f.minimum is None else f.minimum),(math.inf if f.maximum is None else f.maximum)
+    values = [r[f.name] for r in rows]
+    present = values if f.required else [x for x in values if x is not None]
+    if not present or lo <= min(present) and max(present) <= hi: return []     # the usual case, at C speed
+    return [{'record': i if many else None, 'field': f.name, 'reason': f"{x} is outside the training range [{f.minimum}, {f.maximum}]"}
+            for i,x in enumerate(values) if x is not None and not lo <= x <= hi]
 
-    def json_schema(self) -> dict:
-        "The JSON schema of a request body, for the OpenAPI document: one record or an array of records."
-        record = self.Record.model_json_schema()
-        return {'oneOf': [record, {'type': 'array', 'items': record, 'minItems': 1, 'maxItems': self.max_records}]}
+@patch
+def _domain(self:RequestValidator, rows:list, many:bool) -> list[dict]:
+    "The warnings for `rows`: numbers outside the training range (`validate_ranges='warn'`); a `RequestError` (422) for an unseen category, or such a number with 'refuse'."
+    refused = []
+    for name,allowed in self._categories.items():
+        values = [r[name] for r in rows]
+        if not allowed.issuperset(values):
+            seen = ', '.join(map(str, self.by_name[name].categories))
+            refused += [{'record': i if many else None, 'field': name, 'reason': f"{_short(x)} is not one of the categories the model was trained on: {seen}"}
+                        for i,x in enumerate(values) if x not in allowed]
+    if refused:
+        f = self.by_name[refused[0]['field']]
+        raise _refusal("invalid input", refused, len(refused), hint=f"{f.name!r} takes one of: {', '.join(map(str, f.categories))}")
+    found = [w for f in self._ranged for w in _out_of_range(rows, f, many)]
+    if found and self.validate_ranges == 'refuse':
+        f = self.by_name[found[0]['field']]
+        raise _refusal("invalid input", found, len(found), hint=f"the model was trained on {f.name!r} in [{f.minimum}, {f.maximum}]")
+    return found
+
+# %% ../nbs/17_validation.ipynb #989a178d
+@patch
+def frame(self:RequestValidator, records:list):
+    "The validated records (dicts, or what `check` returns) as a DataFrame with the signature's column order and dtypes."
+    import numpy as np, pandas as pd
+    rows = [r if isinstance(r, dict) else r.__dict__ for r in records]
+    dtypes = {'boolean': 'bool', 'integer': 'int32', 'long': 'int64', 'float': 'float32', 'double': 'float64'}
+    columns = {}
+    for f in self.fields:   # column by column: ten times faster than DataFrame.from_records(...).astype(...)
+        values = [r[f.name] for r in rows]
+        columns[f.name] = np.array(values, dtype=dtypes[f.type]) if f.required and f.type in dtypes else pd.Series(values, dtype=None if values else object)
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(rows)))
+
+@patch
+def json_schema(self:RequestValidator) -> dict:
+    "The JSON schema of a request body, for the OpenAPI document: one record or an array of records (categories as `enum`; with `validate_ranges='refuse'` the training ranges)."
+    record = self.Record.model_json_schema()
+    return {'oneOf': [record, {'type': 'array', 'items': record, 'minItems': 1, 'maxItems': self.max_records}]}
