@@ -240,3 +240,56 @@ def test_generated_app_and_serve_build(served):
     assert app['import_path'] == 'apps.serve:app' and app['runtime_env']['env_vars']['NBPROD_PROFILE'] == 'DEFAULT'
     assert app['deployments'][0]['max_queued_requests'] == 256
     assert app['deployments'][0]['backpressure_config'] == {'status_code': 503, 'retry_after_s': 1.0}   # overload: 503 + Retry-After
+
+
+def test_keys_reach_the_running_replicas_without_a_restart(served):
+    "A key created while serving is answered within a second or two; once revoked, 401; a key for a model not served is refused when made."
+    from nbprod.auth import create_key, revoke_key
+    from nbprod.errors import NbprodError
+    p, url, key, *_ = served
+    s = p.settings()
+    _, fresh = create_key(s, 'made-while-serving', ['bikeshare'])
+    ask = lambda k: call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, k)[0]
+    deadline = time.time() + 10
+    while ask(fresh) != 200: assert time.time() < deadline, "a new key was not accepted within 10 s"; time.sleep(0.2)
+    revoke_key(s, 'made-while-serving')
+    deadline = time.time() + 10
+    while ask(fresh) != 401: assert time.time() < deadline, "a revoked key was still answered after 10 s"; time.sleep(0.2)
+    assert ask(key) == 200
+    with pytest.raises(NbprodError, match="no served model named 'taxi'"): create_key(s, 'typo', ['taxi'])
+
+
+def test_labels_cannot_be_poisoned_by_another_key(served):
+    "The attack of issue 18: a second key relabels another client's predictions with 1e300 and strings, and sends made-up ids; all refused, the owner's label stands."
+    from nbprod.auth import create_key
+    from nbprod.feedback import read_labels
+    p, url, key, *_ = served
+    _, attacker = create_key(p.settings(), 'attacker', ['bikeshare'])
+    time.sleep(1.5)                                                         # the replicas follow the key file within a second
+    status, body, _ = call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, key, headers={'X-Request-ID': 'victim-1'})
+    assert status == 200
+    poison = [{'request_id': 'victim-1', 'label': 1e300}, {'request_id': 'victim-1', 'label': 'lots'}] + [{'request_id': f'fake-{i}', 'label': 1} for i in range(998)]
+    status, answer, _ = call(f'{url}/v1/feedback', {'model': 'bikeshare', 'labels': poison}, attacker)
+    assert status == 422 and 'none of the 1000 labels was stored' in answer['error'] and len(answer['errors']) == 50, answer
+    status, answer, _ = call(f'{url}/v1/feedback', {'model': 'bikeshare', 'labels': [{'request_id': 'victim-1', 'label': 57.5}]}, key)
+    assert status == 200 and answer['accepted'] == 1, answer
+    status, answer, _ = call(f'{url}/v1/feedback', {'model': 'bikeshare', 'labels': [{'request_id': 'victim-1', 'label': 1e300}], 'replace': True}, key)
+    assert status == 403 and 'labels scope' in answer['error'], answer
+    labels = read_labels(p.settings().store, 'bikeshare')
+    assert labels[labels.request_id == 'victim-1'].label.tolist() == [57.5] and not labels.request_id.str.startswith('fake-').any()
+
+
+def test_request_ids_are_unique_and_headers_bounded(served):
+    "One X-Request-ID twice: 409, one record in the audit log; a 12 KB X-Client-ID: 400, nothing written."
+    from nbprod.audit import read_audit
+    p, url, key, *_ = served
+    ask = lambda **h: call(f'{url}/v1/models/bikeshare/predict', [{'temp': 0.5, 'hr': 8}] * 3, key, headers=h)
+    assert ask(**{'X-Request-ID': 'once-only'})[0] == 200
+    status, answer, _ = ask(**{'X-Request-ID': 'once-only'})
+    assert status == 409 and answer['errors'][0]['field'] == 'X-Request-ID', answer
+    status, answer, _ = ask(**{'X-Client-ID': 'c' * 12_000, 'X-Request-ID': 'big-client'})
+    assert status == 400 and answer['errors'][0]['field'] == 'X-Client-ID', answer
+    status, answer, _ = call(f'{url}/v1/models/bikeshare/predict', b'{"temp": 0.5, "hr": 8}', key, headers={'Content-Type': 'text/plain'})
+    assert status == 415, answer
+    df = read_audit(p.settings().store/'audit', 'bikeshare')
+    assert (df.request_id == 'once-only').sum() == 3 and not (df.request_id == 'big-client').any()
