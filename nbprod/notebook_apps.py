@@ -4,10 +4,11 @@
 
 # %% ../nbs/33_notebook_apps.ipynb #3b85f092
 from __future__ import annotations
-import ast, re
+import ast, keyword, re
 from dataclasses import dataclass
 from pathlib import Path
 import nbformat
+from .apps import py_literal
 from .errors import ConfigError
 from .params import Param, read_notebook_params
 
@@ -16,7 +17,7 @@ __all__ = ['HEADER', 'AppSpec', 'app_specs', 'Widget', 'infer_widget', 'widget_c
            'notebook_app_files', 'stale_app_files']
 
 # %% ../nbs/33_notebook_apps.ipynb #fcd2b5e1
-_NAME = re.compile(r'^[a-z][a-z0-9_]*$')
+_NAME = re.compile(r'^[a-z][a-z0-9_]*\Z')   # \Z: `$` would let a name end with a newline
 _KEYS = {'notebook': "the notebook's path, relative to the project root",
          'title': "the page's title (default: the notebook's first heading)",
          'icon': "an emoji or a Material icon such as :material/insights: for the navigation"}
@@ -91,6 +92,8 @@ class Widget:
         if self.lo is not None: return 'slider'
         return {'int': 'number', 'float': 'number', 'bool': 'checkbox', 'str': 'text'}.get(self.type, 'literal')
 
+def _is_name(n:str) -> bool: return n.isidentifier() and not keyword.iskeyword(n)
+
 _RANGE = re.compile(r'\[\s*([^\[\],]+)\s*,\s*([^\[\],]+)\s*(?:,\s*([^\[\],]+)\s*)?\]\s*$')
 _CHOICES = re.compile(r'\{([^{}]*)\}\s*$')
 
@@ -101,6 +104,8 @@ def _item(text:str):
 
 def infer_widget(p:Param, where:str='the notebook') -> Widget:
     "The widget of parameter `p`, from its type, its default and the annotation at the end of its comment."
+    if not _is_name(p.name):
+        raise ConfigError(f"parameter {p.name!r} of {where} is not a Python name", file=where, key=p.name, allowed="a Python identifier")
     bad = lambda msg, allowed=None: ConfigError(f"parameter {p.name!r} of {where}: {msg}", file=where, key=p.name, value=p.help or p.default,
                                                 allowed=allowed, hint="fix the comment of the parameter in the cell tagged parameters")
     try: default = ast.literal_eval(p.default)
@@ -133,20 +138,21 @@ def infer_widget(p:Param, where:str='the notebook') -> Widget:
 
 # %% ../nbs/33_notebook_apps.ipynb #1856ce22
 def widget_code(w:Widget) -> str:
-    "The line of the generated page that draws `w` in the sidebar form `_params` and binds the parameter's variable."
-    n,lab = w.name,w.label
+    "The line of the generated page that draws `w` in the sidebar form `_params` and binds the parameter's variable; every value in it is a literal."
+    if not _is_name(w.name): raise ValueError(f"{w.name!r} is not a Python name")
+    n,lab,key,L = w.name,py_literal(w.label),py_literal(w.name),py_literal
     if w.kind == 'kept': return f"{n} = {w.source}   # not a widget: its default is not a literal"
     if w.kind == 'slider':
-        return f"{n} = _params.slider({lab!r}, min_value={w.lo!r}, max_value={w.hi!r}, value={w.default!r}, step={w.step!r}, key={n!r})"
+        return f"{n} = _params.slider({lab}, min_value={L(w.lo)}, max_value={L(w.hi)}, value={L(w.default)}, step={L(w.step)}, key={key})"
     if w.kind == 'number':
-        return (f"{n} = _params.number_input({lab!r}, value={w.default!r}, step=1, key={n!r})" if w.type == 'int'
-                else f"{n} = _params.number_input({lab!r}, value={float(w.default)!r}, format='%g', key={n!r})")
+        return (f"{n} = _params.number_input({lab}, value={L(w.default)}, step=1, key={key})" if w.type == 'int'
+                else f"{n} = _params.number_input({lab}, value={L(float(w.default))}, format='%g', key={key})")
     if w.kind == 'select':
-        return f"{n} = _params.selectbox({lab!r}, {list(w.options)!r}, index={list(w.options).index(w.default)}, key={n!r})"
-    if w.kind == 'multiselect': return f"{n} = _params.multiselect({lab!r}, {list(w.options)!r}, default={w.default!r}, key={n!r})"
-    if w.kind == 'checkbox': return f"{n} = _params.checkbox({lab!r}, value={w.default!r}, key={n!r})"
-    if w.kind == 'text': return f"{n} = _params.text_input({lab!r}, value={w.default!r}, key={n!r})"
-    return f"{n} = appkit.literal_input({lab!r}, {w.default!r}, {w.type!r}, key={n!r}, container=_params)"
+        return f"{n} = _params.selectbox({lab}, {L(list(w.options))}, index={list(w.options).index(w.default)}, key={key})"
+    if w.kind == 'multiselect': return f"{n} = _params.multiselect({lab}, {L(list(w.options))}, default={L(w.default)}, key={key})"
+    if w.kind == 'checkbox': return f"{n} = _params.checkbox({lab}, value={L(w.default)}, key={key})"
+    if w.kind == 'text': return f"{n} = _params.text_input({lab}, value={L(w.default)}, key={key})"
+    return f"{n} = appkit.literal_input({lab}, {L(w.default)}, {L(w.type)}, key={key}, container=_params)"
 
 # %% ../nbs/33_notebook_apps.ipynb #7b4f4ece
 _DIRECTIVE = re.compile(r'^\s*#\s*\|\s*(.*)$')
@@ -164,15 +170,20 @@ def cell_page(cell) -> str|None:
         if words and words[0] == 'app': return words[1] if len(words) > 1 else ''
     return None
 
+def _lines(code:str) -> list[str]:
+    "The lines of `code` as Python's parser counts them: `str.splitlines` also breaks at \\f, \\v, \\x1c-\\x1e, \\x85, \\u2028 and \\u2029, which can sit inside a string."
+    lines = code.replace('\r\n', '\n').replace('\r', '\n').split('\n')
+    return lines[:-1] if lines[-1] == '' else lines
+
 def _strip(source:str, where:str) -> list[str]:
     "The cell's lines without its leading directives and `%matplotlib`; other IPython syntax (magics, `!` escapes) refused, found as IPython finds it."
     from IPython.core.inputtransformer2 import TransformerManager
-    lines = source.splitlines()
+    lines = _lines(source)
     while lines and _DIRECTIVE.match(lines[0]): lines = lines[1:]
     code = '\n'.join(lines)
     if code.lstrip().startswith('%%'):
         raise ConfigError(f"{where} is a {code.split()[0]} cell magic, which a Streamlit page cannot run", hint="unmark the cell")
-    try: new = TransformerManager().transform_cell(code).splitlines()
+    try: new = _lines(TransformerManager().transform_cell(code))
     except SyntaxError: return lines                      # not IPython either: ast.parse reports it
     if new == lines: return lines
     if len(new) != len(lines):
@@ -206,7 +217,7 @@ def page_code(source:str, where:str='a cell') -> str:
         expr = ast.get_source_segment(code, last.value, padded=False)
         is_call = isinstance(last.value, ast.Call) and isinstance(last.value.func, ast.Name) and last.value.func.id in ('display', 'print')
         if not is_call:
-            code_lines = code.splitlines()
+            code_lines = _lines(code)                                                # numbered as ast numbers them
             head,tail,body = code_lines[:last.lineno - 1],code_lines[last.end_lineno:],code_lines[last.lineno - 1:last.end_lineno]
             before = code_lines[last.lineno - 1].encode()[:last.col_offset].decode()   # col_offset counts UTF-8 bytes
             if before.strip(): shown = [before + f"appkit.show({expr})"]             # `x = 1; x`: just the expression's own text
@@ -214,6 +225,40 @@ def page_code(source:str, where:str='a cell') -> str:
             else: shown = ['appkit.show(', *body, ')']                              # its lines as written, comments and brackets included
             code = '\n'.join([*head, *shown, *tail]).rstrip()
     return code + '\nappkit.show_figures()'
+
+# %% ../nbs/33_notebook_apps.ipynb #219b6d8f
+_TYPES = ('int', 'float', 'bool', 'str', 'list', 'dict', 'tuple')
+
+def _assignments(source:str) -> dict[str, tuple[str, str]]:
+    "`{name: (value, annotation)}` as written, of each top-level `NAME = VALUE` and `NAME: TYPE = VALUE` of `source`."
+    out = {}
+    for n in ast.parse(source).body:
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+            out[n.targets[0].id] = (ast.get_source_segment(source, n.value), '')
+        elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None:
+            out[n.target.id] = (ast.get_source_segment(source, n.value), ast.get_source_segment(source, n.annotation).strip('\'"'))
+    return out
+
+def _page_params(path:Path, where:str) -> list[Param]:
+    "The parameters papermill finds in the notebook at `path`, each with its default and type as Python reads the cell tagged `parameters`."
+    from IPython.core.inputtransformer2 import TransformerManager
+    params = read_notebook_params(path)
+    if not params: return []
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == 'code' and 'parameters' in c.metadata.get('tags', []))
+    try: found = _assignments(TransformerManager().transform_cell(cell.source))
+    except SyntaxError as e:
+        raise ConfigError(f"the cell tagged parameters of {where} is not valid Python: {e.msg} (line {e.lineno})", file=where,
+                          hint="fix the cell, run it, save the notebook") from None
+    out = []
+    for p in params.values():
+        if p.name not in found:
+            raise ConfigError(f"parameter {p.name!r} of {where} is not set by a NAME = VALUE line of its own in the cell tagged parameters",
+                              file=where, key=p.name, hint="write each parameter at the top level of the cell, as NAME = VALUE  # comment")
+        value,ann = found[p.name]
+        try: kind = ann if ann in _TYPES else type(ast.literal_eval(value)).__name__
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError): kind = 'any'
+        out.append(Param(p.name, kind if kind in _TYPES else 'any', value, p.help))
+    return out
 
 # %% ../nbs/33_notebook_apps.ipynb #c653f3d4
 HEADER = '''# AUTOGENERATED by `nbprod apps` from {notebook}{what}. DO NOT EDIT: change the notebook,
@@ -230,15 +275,35 @@ def _title(nb, spec:AppSpec) -> str:
 
 _DEFAULT_EXP = re.compile(r'^\s*#\s*\|\s*default_exp\s+(\S+)', re.M)
 
+def _module(lib:str|None, exp:str|None, where:str) -> str|None:
+    "The module the notebook exports into, `lib.exp`, checked to be a module name: it lands in the page as code."
+    if not (lib and exp): return None
+    mod = f"{lib}.{exp}"
+    if not all(map(_is_name, mod.split('.'))):
+        raise ConfigError(f"{where} exports into {mod!r}, which is not a Python module name", file=where, key='default_exp', value=exp,
+                          allowed="Python names joined by dots", hint="fix `#| default_exp` in the notebook, or lib_path in [tool.nbdev]")
+    return mod
+
+def _compiled(files:dict[str, str], where:str) -> dict[str, str]:
+    "`files`, each checked to compile: a page that would not is refused now, not when someone opens it."
+    for rel,text in files.items():
+        try: compile(text, rel, 'exec', dont_inherit=True)
+        except SyntaxError as e:
+            raise ConfigError(f"the page {rel} generated from {where} would not compile: {e.msg} (line {e.lineno})", file=where,
+                              hint="run the notebook's cells tagged parameters and app in Jupyter; report it to nbprod if they run there") from None
+    return files
+
+# %% ../nbs/33_notebook_apps.ipynb #821ad8b0
 def render_app(root:Path, spec:AppSpec, lib:str|None=None) -> dict[str, str]:
-    "The files of app `spec`, `{path relative to the root: text}`; `lib` is the package nbdev exports into (its exported names are imported)."
+    "The files of app `spec`, `{path relative to the root: text}`; `lib` is the package nbdev exports into (its exported names are imported). Text from the notebook and pyproject.toml lands in them as literals only."
     root = Path(root)
+    if not _NAME.match(spec.name):
+        raise ConfigError("bad app name", value=spec.name, allowed="lowercase letters, digits and _, starting with a letter")
     path = root/spec.notebook
     nb = nbformat.read(path, as_version=4)
-    exp = next((m.group(1) for c in nb.cells if c.cell_type == 'code' and (m := _DEFAULT_EXP.search(c.source))), None)
     where = spec.notebook.as_posix()
-    params = read_notebook_params(path)
-    widgets = [infer_widget(p, where) for p in params.values()]
+    module = _module(lib, next((m.group(1) for c in nb.cells if c.cell_type == 'code' and (m := _DEFAULT_EXP.search(c.source))), None), where)
+    widgets = [infer_widget(p, where) for p in _page_params(path, where)]
     pcell = next((c for c in nb.cells if c.cell_type == 'code' and 'parameters' in c.metadata.get('tags', [])), None)
     try: imports = [ast.get_source_segment(pcell.source, n) for n in ast.parse(pcell.source).body
                     if isinstance(n, (ast.Import, ast.ImportFrom))] if pcell is not None else []
@@ -247,7 +312,7 @@ def render_app(root:Path, spec:AppSpec, lib:str|None=None) -> dict[str, str]:
     for i,c in enumerate(nb.cells):
         page = cell_page(c)
         if page is None or 'parameters' in c.metadata.get('tags', []): continue
-        if c.cell_type == 'markdown': code = f"st.markdown({c.source!r})"
+        if c.cell_type == 'markdown': code = f"st.markdown({py_literal(c.source)})"
         elif c.cell_type == 'code': code = page_code(c.source, f"cell {i} of {where}")
         else: continue
         pages.setdefault(page, []).append(f"# ── cell {i} ──\n{code}")
@@ -263,28 +328,33 @@ def render_app(root:Path, spec:AppSpec, lib:str|None=None) -> dict[str, str]:
                           hint=f"name a page on every marked cell (`#| app PAGE`); pages found: {', '.join(sorted(p for p in pages if p))}")
     title = _title(nb, spec)
     def page(name:str, cells:list[str], widgets_too:bool) -> str:
+        # the comments carry literals only (the path and title may hold any character); names are checked above
         what = f" ([tool.nbprod.apps.{spec.name}]" + (f", cells marked `#| app {name}`)" if name else ")")
-        out = [HEADER.format(notebook=where, what=what).rstrip(), f"# {title}{': ' + name if name else ''}".replace('\n', ' '),
+        out = [HEADER.format(notebook=py_literal(where), what=what).rstrip(), f"# {py_literal(title)}" + (f", page {py_literal(name)}" if name else ''),
                'import streamlit as st', 'from nbprod import appkit', 'display = appkit.show',
-               *([f"from {lib}.{exp} import *   # what the notebook exports (nbdev), as its cells saw it"] if lib and exp else []), '']
+               *([f"from {module} import *   # what the notebook exports (nbdev), as its cells saw it"] if module else []), '']
         if widgets_too and widgets:
             out += [*imports,   # what defaults kept as written may need
                     "_params = st.sidebar.form('parameters')", *map(widget_code, widgets),
                     "_params.form_submit_button('Run', type='primary')", '']
-        if not name: out += [f"st.title({title!r})", '']
+        if not name: out += [f"st.title({py_literal(title)})", '']
         return '\n'.join(out + ['\n\n'.join(cells), ''])
-    if '' in pages: return {f"apps/pages/{spec.name}.py": page('', pages[''], True)}
+    if '' in pages: return _compiled({f"apps/pages/{spec.name}.py": page('', pages[''], True)}, where)
     # a folder of its own, not a `pages/` folder next to the entry: Streamlit would run a page of such a folder without
     # the entry (its old multipage mode) until a session has run the entry once, skipping what the entry does first (a login)
     files = {f"apps/{spec.name}/{p}.py": page(p, cells, True) for p,cells in pages.items() if p != 'main'}
     if 'main' in pages: files[f"apps/{spec.name}/app.py"] = page('main', pages['main'], False)
-    return files
+    return _compiled(files, where)
 
 # %% ../nbs/33_notebook_apps.ipynb #fd26cb09
+_MARK = '# AUTOGENERATED by `nbprod apps` from '
+
 def _generated(path:Path) -> bool:
-    try: head = path.read_text(encoding='utf-8')[:200]
+    "Whether `path` is a page `nbprod apps` wrote: its first line says so."
+    try:
+        with open(path, 'rb') as f: first = f.readline(1 << 16).decode('utf-8', 'replace')
     except OSError: return False
-    return head.startswith('# AUTOGENERATED by `nbprod apps` from ') and '.ipynb' in head
+    return first.startswith(_MARK) and 'DO NOT EDIT: change the notebook' in first
 
 def notebook_app_files(root:Path, project:dict, nbs_path:str='nbs', lib:str|None=None) -> dict[str, str]:
     "Every file the project's app notebooks generate, `{relative path: text}`; two apps writing one file are refused."

@@ -17,7 +17,7 @@ __all__ = ['PYPROJECT', 'SETTING_HELP', 'MAKEFILE', 'README', 'GITIGNORE', 'APPS
            'settings_ini', 'make_notebook', 'project_files', 'new_project']
 
 # %% ../nbs/09_scaffold.ipynb #f3591e1d
-_NAME_RE = re.compile(r'^[a-z][a-z0-9_-]*$')
+_NAME_RE = re.compile(r'^[a-z][a-z0-9_-]*\Z')   # \Z: `$` would let a name end with a newline
 _NAME_RULE = "lowercase letters, digits, '-' and '_', starting with a letter (the package is the name with '-' replaced by '_')"
 _TAKEN = {'nbprod': "nbprod itself", 'sklearn': "scikit-learn", 'pandas': "pandas", 'numpy': "numpy",
           'mlflow': "MLflow", 'papermill': "papermill", 'nbdev': "nbdev", 'ray': "Ray", 'streamlit': "Streamlit",
@@ -129,6 +129,12 @@ SETTING_HELP = {
     'batch_wait_ms': "milliseconds a batch waits to fill up",
     'max_records':   "records one prediction request may hold",
     'max_body_bytes': "bytes one request body may have",
+    'explain_max_records': "records one /explain request may hold (explanations cost far more than predictions)",
+    'explain_threads': "explanations one replica computes at once, in threads predictions never wait for",
+    'rate_limit_rps': "requests a second one API key may send to each replica (0: no limit); `nbprod keys create --rate` sets a key's own",
+    'rate_limit_burst': "requests a key may send at once above its rate",
+    'publish_docs':  "true publishes /docs, /redoc and /openapi.json with every model's schema to anyone; false: /openapi.json to a key, with its models",
+    'publish_metrics': "true lets anyone read /metrics; false: a key with the metrics scope (nbprod keys create prometheus --scope metrics)",
     'registry_poll_s': "seconds between checks of the model registry for new aliases and traffic weights (no restart needed)",
     'profile_window_s': "seconds of traffic in one profile window: drift is measured window by window",
     'profile_flush_s': "seconds between writes of each replica's traffic profiles to the store (what a crash can lose from the profiles, never from the audit log)",
