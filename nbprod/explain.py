@@ -5,6 +5,7 @@
 # %% ../nbs/22_explain.ipynb #e52d10e8
 from __future__ import annotations
 import threading
+from fastcore.basics import patch
 import numpy as np
 import pandas as pd
 from .errors import NbprodError
@@ -15,12 +16,27 @@ __all__ = ['BACKGROUND_ROWS', 'background_sample', 'background_frame', 'Explaine
 # %% ../nbs/22_explain.ipynb #1f8953ef
 BACKGROUND_ROWS = 100
 
+def _numeric(t) -> bool: return pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t)
+
+def _plain(v):
+    "One cell as JSON writes it: a number as a float, a missing value as None, a category as itself (str or int)."
+    if v is None or (isinstance(v, float) and v != v) or v is pd.NA or v is pd.NaT: return None
+    if isinstance(v, (bool, np.bool_)): return float(v)
+    return v.item() if hasattr(v, 'item') else v
+
 def background_sample(X, n:int=BACKGROUND_ROWS, seed:int=0) -> dict|None:
-    "Up to `n` rows of `X` (a DataFrame of numbers) as plain lists, for a model's metadata; None when `X` is not numeric."
+    "Up to `n` rows of `X` (a DataFrame: numbers, flags, text or categories) as plain lists, for a model's metadata; None when a column holds anything else."
     df = pd.DataFrame(X)
-    if df.empty or not all(pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t) for t in df.dtypes): return None
+    if df.empty: return None
     if len(df) > n: df = df.sample(n, random_state=seed)
-    return {'columns': [str(c) for c in df.columns], 'rows': df.astype('float64').to_numpy().tolist()}
+    cols = {}
+    for c in df.columns:
+        s = df[c]
+        if _numeric(s.dtype): cols[c] = s.astype('float64').tolist()
+        else:
+            cols[c] = [_plain(v) for v in s.astype(object)]
+            if not all(v is None or isinstance(v, (str, int, float)) for v in cols[c]): return None   # dates, lists...: no sample
+    return {'columns': [str(c) for c in df.columns], 'rows': [list(r) for r in zip(*cols.values())]}
 
 def background_frame(meta:dict|None) -> pd.DataFrame|None:
     "The background rows that `background_sample` stored, as a DataFrame."
@@ -44,9 +60,9 @@ class Explainer:
         if _is_linear(model):
             self._shap,self.method = shap.LinearExplainer(model, background),'linear'
         else:
-            columns = list(background.columns)
-            predict = lambda a: np.asarray(model.predict(pd.DataFrame(a, columns=columns)), dtype='float64')
-            self._shap,self.method = shap.PermutationExplainer(predict, background.to_numpy(dtype='float64'), seed=0),'permutation'
+            self._codes = {c: pd.Index(pd.unique(background[c].dropna())) for c in background.columns if not _numeric(background[c].dtype)}
+            self._shap = shap.PermutationExplainer(self._predict_codes, self._encode(background), seed=0)
+            self.method = 'permutation'
 
     @property
     def exact(self) -> bool: return self.method in ('tree', 'linear')
@@ -55,7 +71,7 @@ class Explainer:
         "For each row of `X`: the base value, each feature's contribution, and the model's raw output they add up to."
         with self._lock:
             if self.method == 'permutation':
-                ex = self._shap(X[list(self.background.columns)].to_numpy(dtype='float64'), silent=True)
+                ex = self._shap(self._encode(X[list(self.background.columns)], grow=True), silent=True)
                 values,base = ex.values,np.asarray(ex.base_values)
             else:
                 values = self._shap.shap_values(X)
@@ -72,6 +88,30 @@ class Explainer:
                  'contributions': {c: dict(zip(cols, map(float, v[:, k]))) for k,c in enumerate(classes)},
                  'output': {c: float(b[k] + v[:, k].sum()) for k,c in enumerate(classes)}}
                 for b,v in zip(base, values)]
+
+@patch
+def _encode(self:Explainer, X:pd.DataFrame, grow:bool=False) -> np.ndarray:
+    "`X` as the numbers SHAP permutes: each text or category column as its value's place in `_codes` (`grow`: new values added at the end)."
+    out = np.empty(X.shape, dtype='float64')
+    for j,c in enumerate(X.columns):
+        if c not in self._codes: out[:, j] = X[c].to_numpy(dtype='float64', na_value=np.nan); continue
+        values = X[c].astype(object)
+        if grow and len(new := pd.Index(pd.unique(values.dropna())).difference(self._codes[c], sort=False)):
+            self._codes[c] = self._codes[c].append(new)
+        idx = self._codes[c].get_indexer(values)
+        out[:, j] = np.where(idx < 0, np.nan, idx)          # a missing value stays missing
+    return out
+
+@patch
+def _predict_codes(self:Explainer, a:np.ndarray) -> np.ndarray:
+    "The model's output for rows SHAP made from `_encode`d numbers, turned back into the model's own values."
+    X = pd.DataFrame(a, columns=list(self.background.columns))
+    for c,cats in self._codes.items():
+        k = X[c].to_numpy()
+        X[c] = pd.Series(np.where(np.isnan(k), None, cats.take(np.nan_to_num(k).astype(int)).to_numpy(dtype=object)), dtype=object)
+    for c in X.columns:
+        if c not in self._codes and self.background[c].dtype != X[c].dtype: X[c] = X[c].astype(self.background[c].dtype)
+    return np.asarray(self.model.predict(X), dtype='float64')
 
 def _is_linear(model) -> bool:
     coef = getattr(model, 'coef_', None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses, gc, json, os, queue, shutil, signal, subprocess, sys, threading
 from pathlib import Path
 from .errors import TrackingError
+from .secrets import redact, secret_pattern
 from .settings import Project, Settings
 
 # %% auto #0
@@ -44,7 +45,7 @@ def _start(state, msg):
         raise
     state.update(client=client, run_id=rid, artifact_uri=run.info.artifact_uri, output=msg.get('output'),
                  secret_values=msg.get('secret_values', []))
-    if msg.get('log_file'): state['forwarder'] = MetricsForwarder(client, rid, Path(msg['log_file']))
+    if msg.get('log_file'): state['forwarder'] = MetricsForwarder(client, rid, Path(msg['log_file']), secret_values=state['secret_values'])
     try: render_html(_tiny_notebook())  # warm nbconvert and its template for `finish` (best effort)
     except Exception: pass
     return {'run_id': rid}
@@ -215,9 +216,10 @@ def _chunks(xs, n):
     for i in range(0, len(xs), n): yield xs[i:i+n]
 
 class MetricsForwarder:
-    "Log to run `run_id` the metrics and parameters the kernel appends to `path` (JSON lines), every `interval` s and on `close`."
-    def __init__(self, client, run_id:str, path:Path, interval:float=1.0):
+    "Log to run `run_id` the metrics and parameters the kernel appends to `path` (JSON lines), every `interval` s and on `close`; parameters are scrubbed of `secret_values`."
+    def __init__(self, client, run_id:str, path:Path, interval:float=1.0, secret_values=()):
         self.client,self.run_id,self.path,self.interval = client,run_id,Path(path),interval
+        self.secrets = secret_pattern(secret_values)   # scrubbed from parameters, whoever wrote the line
         self.offset,self.errors,self.lock,self.stopped = 0,[],threading.Lock(),threading.Event()
         self.thread = threading.Thread(target=self._loop, name='nbprod-metrics', daemon=True)
         self.thread.start()
@@ -245,7 +247,7 @@ class MetricsForwarder:
     def _log(self, records):
         from mlflow.entities import Metric, Param
         metrics = [Metric(r['metric'], r['value'], r['timestamp'], r['step']) for r in records if 'metric' in r]
-        params = [Param(r['param'], r['value']) for r in records if 'param' in r]
+        params = [Param(r['param'], redact(str(r['value']), self.secrets)) for r in records if 'param' in r]
         for kind,items,size in (('metrics', metrics, 1000), ('params', params, 100)):  # MLflow's limits per batch
             for batch in _chunks(items, size):
                 try: self.client.log_batch(self.run_id, **{kind: batch})

@@ -4,12 +4,16 @@
 
 # %% ../nbs/03_secrets.ipynb #56811629
 from __future__ import annotations
-import os, re
+import base64, contextvars, functools, html, importlib.abc, importlib.machinery, json, logging, os, re, shutil, sys, tempfile, traceback
 from contextlib import contextmanager
-from nbformat.v4 import new_code_cell
+from pathlib import Path
+from urllib.parse import quote, quote_plus
+from .errors import TrackingError
 
 # %% auto #0
-__all__ = ['REDACTED', 'SECRETS_TAG', 'secret_env_var', 'resolve_secrets', 'secrets_cell', 'kernel_env', 'environ', 'redact']
+__all__ = ['REDACTED', 'SECRETS_TAG', 'MIN_ENCODED', 'WITHHELD', 'secret_env_var', 'resolve_secrets', 'secrets_cell',
+           'kernel_env', 'environ', 'secret_forms', 'secret_pattern', 'redact', 'kernel_secrets', 'guard_mlflow',
+           'note_pii', 'failure_text', 'RequestLogFilter']
 
 # %% ../nbs/03_secrets.ipynb #90586104
 REDACTED = '***'
@@ -32,9 +36,13 @@ def resolve_secrets(declared:dict[str,str], given:dict, environ=None) -> tuple[d
 
 # %% ../nbs/03_secrets.ipynb #0d6a5625
 def secrets_cell(where:dict[str,str]):
-    "A code cell that sets each secret parameter from the kernel's environment."
+    "A code cell that sets each secret parameter from the kernel's environment, and guards the kernel's MLflow writes."
+    from nbformat.v4 import new_code_cell   # here: the kernel imports this module, and needs no nbformat
     lines = ["# secret parameters, read from the kernel's environment by nbprod", "import os as _nbprod_os"]
     lines += [f"{name} = _nbprod_os.environ[{var!r}]" for name,var in where.items()]
+    lines += ["try: from nbprod.secrets import guard_mlflow as _nbprod_guard   # MLflow writes of these values are scrubbed",
+              "except ImportError: print('nbprod is not importable in this kernel: MLflow writes are not scrubbed of secrets', file=__import__('sys').stderr)",
+              "else: _nbprod_guard()"]
     return new_code_cell("\n".join(lines), metadata={'tags': [SECRETS_TAG]})
 
 def kernel_env(where:dict[str,str], values:dict[str,str]) -> dict[str,str]:
@@ -53,16 +61,207 @@ def environ(extra:dict[str,str]):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
-# %% ../nbs/03_secrets.ipynb #dc2a1b9a
-def _pattern(values):
-    vals = sorted({v for v in values if v}, key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, vals))) if vals else None
+# %% ../nbs/03_secrets.ipynb #ccd5927e
+MIN_ENCODED = 8   # secrets shorter than this are scrubbed as given only (see above)
+_URLSAFE = str.maketrans('+/', '-_')
+
+def _b64_cores(b:bytes) -> list[str]:
+    "The base64 text that `b` alone decides wherever it starts in a longer byte string (`user:secret`): one per offset modulo 3."
+    out = []
+    for o in range(3):
+        body = b[(3 - o) % 3:]                      # the bytes that share a group with what comes before are left out
+        body = body[:len(body) - len(body) % 3]     # ... and those that share one with what comes after
+        if len(body) >= 6: out.append(base64.b64encode(body).decode())
+    return out
+
+def _forms(value:str) -> tuple[set[str], set[str]]:
+    "(text forms, base64 forms) of a secret of at least `MIN_ENCODED` characters."
+    b = value.encode()
+    text = {value, value.upper(), value.lower(), quote(value), quote(value, safe=''), quote_plus(value), quote_plus(value, safe='/'),
+            json.dumps(value)[1:-1], repr(value)[1:-1], html.escape(value), b.hex()}
+    b64 = set()
+    for enc in (base64.b64encode(b).decode(), *_b64_cores(b)):
+        for f in (enc, enc.translate(_URLSAFE)): b64 |= {f, f.rstrip('=')}
+    return text, b64
+
+def secret_forms(value:str) -> list[str]:
+    "The forms of secret `value` that are scrubbed, longest first: as given, upper and lower case, URL-encoded, JSON/repr/HTML-escaped, hex and base64."
+    if len(value) < MIN_ENCODED: return [value] if value else []
+    text,b64 = _forms(value)
+    return sorted(text | b64, key=len, reverse=True)
+
+# %% ../nbs/03_secrets.ipynb #210b7399
+_B64_CHARS = frozenset('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_')
+
+def secret_pattern(values) -> re.Pattern|None:
+    "One regular expression that finds every form of every secret in `values` (None when there is none); base64 forms are its group `b64`."
+    exact,text,b64 = set(),set(),set()
+    for v in filter(None, map(str, values)):
+        if len(v) < MIN_ENCODED: exact.add(v)
+        else: t,b = _forms(v); text |= t; b64 |= b
+    longest = lambda xs: sorted(xs, key=lambda x: len(x[0]), reverse=True)
+    alt = lambda xs: "|".join(f"(?i:{re.escape(f)})" if anycase else re.escape(f) for f,anycase in longest(xs))
+    parts = ([f"(?P<b64>{alt((f, False) for f in b64)})"] if b64 else []) + ([alt([*((f, True) for f in text), *((f, False) for f in exact)])] if text or exact else [])
+    return re.compile("|".join(parts)) if parts else None
+
+def _sub(pat:re.Pattern, s:str) -> str:
+    "`s` with each match of `pat` replaced by `***`; a base64 match takes the whole base64 word around it (`user:` of Basic auth too)."
+    spans = []
+    for m in pat.finditer(s):
+        a,b = m.span()
+        if m.lastgroup == 'b64':
+            while a and s[a-1] in _B64_CHARS: a -= 1
+            while b < len(s) and s[b] in _B64_CHARS: b += 1
+            while b < len(s) and s[b] == '=': b += 1
+        if spans and a <= spans[-1][1]: spans[-1] = (min(a, spans[-1][0]), max(b, spans[-1][1]))
+        else: spans.append((a, b))
+    out,end = [],0
+    for a,b in spans: out += [s[end:a], REDACTED]; end = b
+    return "".join(out) + s[end:]
 
 def redact(obj, values):
-    "A copy of `obj` with every secret value in `values` replaced by `***` inside its strings."
-    pat = values if isinstance(values, re.Pattern) or values is None else _pattern(values)
+    "A copy of `obj` with every form of every secret in `values` (or a `secret_pattern`) replaced by `***` inside its strings."
+    pat = values if isinstance(values, re.Pattern) or values is None else secret_pattern(values)
     if pat is None: return obj
-    if isinstance(obj, str): return pat.sub(REDACTED, obj)
+    if isinstance(obj, str): return _sub(pat, obj)
     if isinstance(obj, dict): return type(obj)({k: redact(v, pat) for k,v in obj.items()})
     if isinstance(obj, (list, tuple)): return type(obj)(redact(v, pat) for v in obj)
     return obj
+
+# %% ../nbs/03_secrets.ipynb #69e91f31
+_guard = {'pattern': None}
+
+def kernel_secrets(environ=None) -> list[str]:
+    "In a kernel `nbprod run` started: the values of its secret parameters (from the variables named in `NBPROD_SECRET_VARS`)."
+    environ = os.environ if environ is None else environ
+    return [environ.get(n, '') for n in environ.get('NBPROD_SECRET_VARS', '').split(',') if n]
+
+def _clean(x):
+    "`x` with the secrets scrubbed: text, the values of a dict, MLflow `Param`s and `RunTag`s; other values that print a secret become text."
+    pat = _guard['pattern']
+    if pat is None or x is None: return x
+    if isinstance(x, str): return _sub(pat, x)
+    if isinstance(x, dict): return {_clean(k): _clean(v) for k,v in x.items()}
+    if isinstance(x, (list, tuple)): return type(x)(_clean(v) for v in x)
+    if type(x).__name__ in ('Param', 'RunTag'): return type(x)(_clean(x.key), _clean(str(x.value)))
+    return _sub(pat, str(x)) if isinstance(x, (int, float)) and pat.search(str(x)) else x
+
+# %% ../nbs/03_secrets.ipynb #d30ad3f2
+def _leaks(data:bytes) -> bool: return bool(_guard['pattern'].search(data.decode('latin-1')))
+
+def _holds_secret(src:Path) -> bool:
+    return any(p.is_file() and _leaks(p.read_bytes()) for p in ([src] if src.is_file() else src.rglob('*')))
+
+def _scrubbed_copy(src:Path, dst:Path):
+    "Copy `src` (a file or folder) to `dst` with the secrets scrubbed from text files; a binary file that holds one is refused."
+    if src.is_dir():
+        dst.mkdir()
+        for p in src.iterdir(): _scrubbed_copy(p, dst/p.name)
+        return
+    data = src.read_bytes()
+    if not _leaks(data): return shutil.copyfile(src, dst)
+    try: text = data.decode('utf-8')
+    except UnicodeDecodeError:
+        raise TrackingError(f"{src} holds a secret parameter's value (or an encoding of it), and nbprod does not store secrets",
+                            hint="log the file without the secret in it (text files are scrubbed; this one is binary)") from None
+    dst.write_text(_clean(text), encoding='utf-8')
+
+def _artifact(log):
+    "`log(self, run_id, local_path, artifact_path)` that logs a scrubbed copy of a file or folder holding a secret."
+    @functools.wraps(log)
+    def wrapper(self, run_id, local_path, artifact_path=None):
+        src = Path(local_path)
+        if _guard['pattern'] is None or not src.exists() or not _holds_secret(src): return log(self, run_id, local_path, artifact_path)
+        with tempfile.TemporaryDirectory(prefix='nbprod-scrubbed-') as d:
+            dst = Path(d)/(src.resolve().name or 'artifacts')
+            _scrubbed_copy(src, dst)
+            return log(self, run_id, str(dst), artifact_path)
+    return wrapper
+
+def _scrubbing(f):
+    @functools.wraps(f)
+    def wrapper(self, *args, **kwargs): return f(self, *map(_clean, args), **{k: _clean(v) for k,v in kwargs.items()})
+    return wrapper
+
+_WRITES = ('create_run', 'log_param', 'set_tag', 'set_experiment_tag', 'update_run', 'log_batch')
+
+def _patch(cls):
+    "Make MLflow's `TrackingServiceClient`, which every fluent and `MlflowClient` write goes through, scrub the secrets."
+    if getattr(cls, '_nbprod_guarded', False): return
+    for name in _WRITES: setattr(cls, name, _scrubbing(getattr(cls, name)))
+    for name in ('log_artifact', 'log_artifacts'): setattr(cls, name, _artifact(getattr(cls, name)))
+    cls._nbprod_guarded = True
+
+# %% ../nbs/03_secrets.ipynb #a7c8dc67
+_TRACKING = 'mlflow.tracking._tracking_service.client'
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    "Patches MLflow's tracking client as it is imported, so that a kernel that never uses MLflow never imports it."
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRACKING: return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not hasattr(spec.loader, 'exec_module'): return spec
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            _patch(module.TrackingServiceClient)
+        spec.loader.exec_module = exec_module
+        return spec
+
+def guard_mlflow(values=None):
+    "Scrub every form of the secrets `values` (default: this kernel's secret parameters) from what MLflow writes from this process."
+    _guard['pattern'] = secret_pattern(kernel_secrets() if values is None else values)
+    if (m := sys.modules.get(_TRACKING)) is not None: _patch(m.TrackingServiceClient)
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path): sys.meta_path.insert(0, _PatchOnImport())
+
+# %% ../nbs/03_secrets.ipynb #f13354cb
+WITHHELD = "(message withheld: it may quote the request's values; set log_failed_inputs = true to log it)"
+_request_pii = contextvars.ContextVar('nbprod_request_pii', default=())
+
+def note_pii(rows, fields):
+    "Note, for the log records of this request's task, the values of the personal `fields` of `rows` (never logged)."
+    fields = set(fields)
+    vals = {str(v) for r in rows if isinstance(r, dict) for k,v in r.items() if k in fields and v is not None and str(v)}
+    _request_pii.set(tuple(sorted(vals, key=len, reverse=True)))
+
+def _without_pii(text:str, pii) -> str:
+    return re.sub("|".join(map(re.escape, pii)), REDACTED, text) if pii else text
+
+def _message(e:BaseException, keep:bool, pii) -> str:
+    name = type(e).__qualname__ if type(e).__module__ in ('builtins', '__main__') else f"{type(e).__module__}.{type(e).__qualname__}"
+    if not keep: return f"{name}: {WITHHELD}"
+    return _without_pii("".join(traceback.format_exception_only(e)).rstrip('\n'), pii)
+
+# %% ../nbs/03_secrets.ipynb #b9a19811
+def failure_text(e:BaseException, log_failed_inputs:bool=False, pii=()) -> str:
+    "The traceback of `e` (and of its causes) with where it happened, and each message withheld or, with `log_failed_inputs`, scrubbed of the `pii` values."
+    chain,seen = [],set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    parts = []
+    for i,x in enumerate(reversed(chain)):
+        if i: parts.append("\nThe above exception caused or preceded the following:\n\n")
+        if x.__traceback__ is not None: parts += ["Traceback (most recent call last):\n", *traceback.format_tb(x.__traceback__)]
+        parts.append(_message(x, log_failed_inputs, pii) + "\n")
+    return "".join(parts).rstrip('\n')
+
+class RequestLogFilter(logging.Filter):
+    "A log filter for a server that handles requests: tracebacks and exceptions in a record keep where and what, not their messages (which quote values) unless `log_failed_inputs`; personal values noted with `note_pii` never pass."
+    def __init__(self, log_failed_inputs:bool=False):
+        super().__init__()
+        self.log_failed_inputs = log_failed_inputs
+
+    def filter(self, record):
+        pii,keep = _request_pii.get(),self.log_failed_inputs
+        fix = lambda v: _message(v, keep, pii) if isinstance(v, BaseException) else v
+        try:
+            if isinstance(record.args, dict): record.msg,record.args = str(record.msg) % {k: fix(v) for k,v in record.args.items()},()
+            elif record.args: record.msg,record.args = str(record.msg) % tuple(map(fix, record.args if isinstance(record.args, tuple) else (record.args,))),()
+        except (TypeError, ValueError, KeyError): pass   # a bad format string: logging reports it as usual
+        record.msg = _without_pii(str(fix(record.msg)), pii)
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text,record.exc_info = failure_text(record.exc_info[1], keep, pii),None
+        elif record.exc_text: record.exc_text = _without_pii(record.exc_text, pii) if keep else WITHHELD
+        return True

@@ -76,12 +76,16 @@ MAX_STRING = 4096                      # characters in one string field
 _INTS = {'integer': (-2**31, 2**31 - 1), 'long': (-2**63, 2**63 - 1)}
 _FLOAT_MAX = {'float': 3.4028234663852886e38, 'double': sys.float_info.max}   # beyond, float32 and float64 are infinite
 
+def _whole(v):
+    "A float with no fraction as the integer it is (JSON Schema's `integer` takes `766.0`); anything else as it came, for the strict check."
+    return int(v) if type(v) is float and v.is_integer() and abs(v) < 2**63 else v
+
 def _annotation(f:InputField, ranges:bool=False, max_string:int=MAX_STRING):
-    from pydantic import Field
+    from pydantic import BeforeValidator, Field
     extra = {'enum': list(f.categories)} if f.categories is not None else {}   # for the schema; the validator checks them itself
     if ranges: extra.update({k: v for k,v in (('minimum', f.minimum), ('maximum', f.maximum)) if v is not None})
     kw = dict(strict=True, json_schema_extra=extra or None)
-    if f.type in _INTS: base = Annotated[int, Field(ge=_INTS[f.type][0], le=_INTS[f.type][1], **kw)]
+    if f.type in _INTS: base = Annotated[int, Field(ge=_INTS[f.type][0], le=_INTS[f.type][1], **kw), BeforeValidator(_whole)]
     elif f.type in _FLOAT_MAX: base = Annotated[float, Field(ge=-_FLOAT_MAX[f.type], le=_FLOAT_MAX[f.type], allow_inf_nan=False, **kw)]
     elif f.type == 'string': base = Annotated[str, Field(max_length=max_string, **kw)]
     else: base = Annotated[bool, Field(**kw)]
