@@ -4,20 +4,22 @@
 
 # %% ../nbs/16_auth.ipynb #fef8152c
 from __future__ import annotations
-import datetime, hashlib, hmac, json, logging, os, re, secrets, time
+import datetime, hashlib, hmac, json, logging, math, os, re, secrets, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from .errors import ConfigError, Forbidden, NbprodError, Unauthorized
+from .errors import ConfigError, Forbidden, NbprodError, RequestError, Unauthorized
 from .settings import Settings
 
 log = logging.getLogger('nbprod.auth')
 
 # %% auto #0
-__all__ = ['log', 'PREFIX', 'SCOPES', 'hash_key', 'key_id', 'new_key', 'ApiKey', 'KeyRing', 'read_key_file', 'write_key_file',
-           'parse_env_keys', 'load_keyring', 'parse_duration', 'create_key', 'rotate_key', 'revoke_key']
+__all__ = ['log', 'PREFIX', 'MAX_AUTHORIZATION', 'SCOPES', 'hash_key', 'key_id', 'new_key', 'ApiKey', 'KeyRing', 'RateLimiter',
+           'read_key_file', 'write_key_file', 'parse_env_keys', 'load_keyring', 'parse_duration', 'create_key',
+           'rotate_key', 'revoke_key']
 
 # %% ../nbs/16_auth.ipynb #acacd9d8
 PREFIX = 'nbp'
+MAX_AUTHORIZATION = 4096   # characters of an Authorization header: nbprod's keys have 56, a vault's a few hundred
 
 def hash_key(key:str) -> str:
     "The stored form of `key`."
@@ -34,7 +36,8 @@ def new_key() -> str:
     return f"{PREFIX}_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
 
 SCOPES = {'predict': "call the models' /predict and /explain, and label the predictions answered to this key",
-          'labels': "label and relabel any prediction of the key's models (a labelling service)"}
+          'labels': "label and relabel any prediction of the key's models (a labelling service)",
+          'metrics': "read /metrics: request counts, errors and latencies of the key's models (for Prometheus)"}
 
 @dataclass(frozen=True)
 class ApiKey:
@@ -47,6 +50,8 @@ class ApiKey:
     source: str = 'file'            # 'file' or the environment variable it came from
     scopes: tuple = ('predict',)    # what it may do with those models (SCOPES)
     expires: str = ''               # UTC, ISO 8601; empty: never
+    rate: float|None = None         # requests a second it may send (a token bucket per replica); None: the rate_limit_rps setting; 0: no limit
+    burst: int|None = None          # requests it may send at once above its rate; None: the rate_limit_burst setting
 
     def allows(self, model:str, scope:str='predict') -> bool:
         return ('*' in self.models or model in self.models) and scope in self.scopes
@@ -88,10 +93,13 @@ class KeyRing:
 
     def __len__(self): return sum(map(len, self.by_id.values()))
 
-    def identify(self, authorization:str|None) -> ApiKey|None:
-        "The key that `authorization` (an `Authorization` header) carries, or `Unauthorized`; None under open access."
-        if self.open_access: return None
+    def identify(self, authorization:str|None, always:bool=False) -> ApiKey|None:
+        "The key that `authorization` (an `Authorization` header) carries, or `Unauthorized`; None under open access (unless `always`: for what open access does not open)."
+        if self.open_access and not always: return None
         self.refresh()
+        if authorization and len(authorization) > MAX_AUTHORIZATION:   # before hashing it
+            raise Unauthorized(f"the Authorization header is {len(authorization):,} characters, over the limit of {MAX_AUTHORIZATION:,}",
+                               headers={'WWW-Authenticate': 'Bearer error="invalid_token"'}, hint="send the header Authorization: Bearer <key>")
         scheme,_,key = (authorization or '').strip().partition(' ')
         if not authorization: raise Unauthorized("no API key", headers={'WWW-Authenticate': 'Bearer'},
                                                  hint="send the header Authorization: Bearer <key> (nbprod keys create NAME)")
@@ -121,6 +129,35 @@ class KeyRing:
                             hint=f"its scopes: {', '.join(found.scopes)}; nbprod keys create NAME --model {model} --scope {scope}")
         return found
 
+# %% ../nbs/16_auth.ipynb #4c483e01
+class RateLimiter:
+    "A token bucket per API key: a key sends `rate` requests a second on average and `burst` at once (its own rate and burst, else these); 0 is no limit."
+    def __init__(self, rate:float=0, burst:int=10, clock=time.monotonic):
+        self.rate,self.burst,self.clock = rate,burst,clock
+        self._buckets = {}                   # (source, name) -> (tokens, when): one per key
+
+    def limits(self, key:ApiKey) -> tuple[float, int]:
+        "`(rate, burst)` of `key`."
+        return (self.rate if key.rate is None else key.rate), max(1, self.burst if key.burst is None else key.burst)
+
+    def take(self, key:ApiKey|None):
+        "Count one request of `key`, or refuse it: a 429 whose `Retry-After` says in how many seconds the key may send again."
+        if key is None: return                # open access: no key to count
+        rate,burst = self.limits(key)
+        if rate <= 0: return
+        now,at = self.clock(),(key.source, key.name)   # a rotated key's old and new secrets share one bucket
+        tokens,then = self._buckets.get(at, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
+        if tokens >= 1:
+            self._buckets[at] = (tokens - 1, now)
+            return
+        self._buckets[at] = (tokens, now)
+        wait = max(1, math.ceil((1 - tokens) / rate))
+        limit = f"{rate:g} requests a second, {burst} at once"
+        raise RequestError(f"the key {key.name!r} is over its rate limit of {limit}", status=429, headers={'Retry-After': str(wait)},
+                           errors=[{'record': None, 'field': 'Authorization', 'reason': f"rate limit: {limit}"}],
+                           hint=f"wait {wait} s (Retry-After) and send fewer requests; more records per request count once")
+
 # %% ../nbs/16_auth.ipynb #28245622
 def _now(plus:float=0, timespec='seconds') -> str:
     return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=plus)).isoformat(timespec=timespec)
@@ -131,7 +168,11 @@ def read_key_file(path:Path) -> list[ApiKey]:
     if not path.exists(): return []
     try:
         doc = json.loads(path.read_text())
-        return [ApiKey(**{**k, 'models': tuple(k['models']), 'scopes': tuple(k.get('scopes', ('predict',))), 'source': 'file'}) for k in doc['keys']]
+        keys = [ApiKey(**{**k, 'models': tuple(k['models']), 'scopes': tuple(k.get('scopes', ('predict',))), 'source': 'file'}) for k in doc['keys']]
+        for k in keys: _check_rate(k.rate, k.burst)
+        return keys
+    except NbprodError as e:
+        raise ConfigError(f"the API key file has a bad rate limit: {e.message}", file=path, hint="correct it, or revoke the key and create it again (nbprod keys create --rate)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"the API key file cannot be read: {type(e).__name__}: {e}", file=path,
                           hint="restore it from a backup, or delete it and create the keys again (nbprod keys create)") from None
@@ -143,7 +184,7 @@ def write_key_file(path:Path, keys:list[ApiKey]):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, 'w') as f:
-        json.dump({'keys': [{k: v for k,v in asdict(x).items() if k != 'source'} for x in keys]}, f, indent=1)
+        json.dump({'keys': [{k: v for k,v in asdict(x).items() if k != 'source' and not (k in ('rate', 'burst') and v is None)} for x in keys]}, f, indent=1)
     os.replace(tmp, path)
 
 # %% ../nbs/16_auth.ipynb #175dd68b
@@ -188,17 +229,28 @@ def _check_grant(settings:Settings, models, scopes) -> tuple[tuple, tuple]:
     if bad: raise NbprodError(f"unknown scope {', '.join(map(repr, bad))}", hint=f"scopes: {'; '.join(f'{k}: {v}' for k,v in SCOPES.items())}")
     return models, scopes
 
-def create_key(settings:Settings, name:str, models=('*',), scopes=('predict',), expires:str|float|None=None) -> tuple[ApiKey, str]:
-    "Add a key named `name` for `models` and `scopes` to the key file, expiring after `expires` (`90d`, or seconds); returns the entry and the key (shown once, never stored)."
+def _check_rate(rate, burst) -> tuple[float|None, int|None]:
+    if rate is not None:
+        try: rate = float(rate)
+        except (TypeError, ValueError): rate = -1.0
+        if not (0 <= rate < math.inf): raise NbprodError(f"a rate is a number of requests a second, 0 or more (0: no limit), not {rate!r}", hint="nbprod keys create NAME --rate 50")
+    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+        raise NbprodError(f"a burst is a whole number of requests, 1 or more, not {burst!r}", hint="nbprod keys create NAME --rate 50 --burst 100")
+    return rate, burst
+
+def create_key(settings:Settings, name:str, models=('*',), scopes=('predict',), expires:str|float|None=None,
+               rate:float|None=None, burst:int|None=None) -> tuple[ApiKey, str]:
+    "Add a key named `name` for `models` and `scopes` to the key file, expiring after `expires` (`90d`, or seconds), limited to `rate` requests a second and `burst` at once (None: the settings'); returns the entry and the key (shown once, never stored)."
     name = name.strip()
     if not name: raise NbprodError("a key needs a name", hint="name it after who uses it: nbprod keys create dashboard")
     models,scopes = _check_grant(settings, models, scopes)
+    rate,burst = _check_rate(rate, burst)
     keys = read_key_file(settings.api_keys_file)
     if any(k.name == name for k in keys):
         raise NbprodError(f"there is already a key named {name!r}", hint=f"revoke it first (nbprod keys revoke {name}), rotate it (nbprod keys rotate {name}) or pick another name")
     ttl = parse_duration(expires) if isinstance(expires, str) else expires
     key = new_key()
-    entry = ApiKey(key_id(key), name, hash_key(key), models, _now(), scopes=scopes, expires=_now(ttl) if ttl else '')
+    entry = ApiKey(key_id(key), name, hash_key(key), models, _now(), scopes=scopes, expires=_now(ttl) if ttl else '', rate=rate, burst=burst)
     write_key_file(settings.api_keys_file, [*keys, entry])
     return entry, key
 

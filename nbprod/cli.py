@@ -496,22 +496,30 @@ app.add_typer(keys_app, name='keys')
 
 def _split(values) -> list[str]: return [v.strip() for x in values or [] for v in x.split(',') if v.strip()]
 
+def _rate(key, s) -> str:
+    "A key's rate limit, in words (its own, else the settings')."
+    from nbprod.auth import RateLimiter
+    rate,burst = RateLimiter(s.rate_limit_rps, s.rate_limit_burst).limits(key)
+    return f"{rate:g}/s, burst {burst}" if rate > 0 else 'none'
+
 @keys_app.command('create', epilog="[dim]nbprod keys create labelling --model bikeshare --scope labels --expires 90d[/dim]")
 def keys_create(name: Annotated[str, typer.Argument(help="Who uses the key (a service, a person).", show_default=False)],
                 model: Annotated[Optional[list[str]], typer.Option('--model', '-m', help="A model the key may call (repeat or comma-separate; default: every model).")] = None,
-                scope: Annotated[Optional[list[str]], typer.Option('--scope', '-s', help="predict (call the models, label its own answers), labels (label any answer of its models); comma-separate.")] = None,
+                scope: Annotated[Optional[list[str]], typer.Option('--scope', '-s', help="predict (call the models, label its own answers), labels (label any answer of its models), metrics (read /metrics); comma-separate.")] = None,
                 expires: Annotated[Optional[str], typer.Option('--expires', help="Refused after this long: 90d, 12h, 30m.")] = None,
+                rate: Annotated[Optional[float], typer.Option('--rate', help="Requests a second it may send to each replica (0: no limit; default: rate_limit_rps).", show_default=False)] = None,
+                burst: Annotated[Optional[int], typer.Option('--burst', help="Requests it may send at once above its rate (default: rate_limit_burst).", show_default=False)] = None,
                 profile: ProfileOpt = None):
     "Create an API key; it is printed once and stored only as a hash."
     from nbprod.auth import create_key
     from nbprod.settings import load_settings
     try:
         s = load_settings(profile=profile)
-        entry,key = create_key(s, name, _split(model) or ['*'], _split(scope) or ['predict'], expires)
+        entry,key = create_key(s, name, _split(model) or ['*'], _split(scope) or ['predict'], expires, rate, burst)
     except NbprodError as e: _fail(e)
     out.print(key, highlight=False, soft_wrap=True)
     err.print(f"key [bold]{entry.name}[/bold] ({entry.id}) for {', '.join(entry.models)}, scopes {', '.join(entry.scopes)}"
-              f"{f', expires {entry.expires}' if entry.expires else ''}: shown only now, stored hashed in "
+              f"{f', expires {entry.expires}' if entry.expires else ''}{f', rate limit {_rate(entry, s)}' if entry.rate is not None or s.rate_limit_rps else ''}: shown only now, stored hashed in "
               f"{s.api_keys_file}\n  curl -H 'Authorization: Bearer <key>' ...", highlight=False)
 
 @keys_app.command('list')
@@ -528,9 +536,10 @@ def keys_list(profile: ProfileOpt = None):
                   "create one with [bold]nbprod keys create NAME --model MODEL[/bold]")
         return
     t = Table(box=None)
-    for col in ('name', 'id', 'models', 'scopes', 'created', 'expires', 'from'): t.add_column(col, no_wrap=True)
+    limited = any(_rate(k, s) != 'none' for k in keys)     # the column only when a key has a limit
+    for col in ('name', 'id', 'models', 'scopes', *(['rate limit'] if limited else []), 'created', 'expires', 'from'): t.add_column(col, no_wrap=True)
     for k in sorted(keys, key=lambda k: (k.source, k.created, k.name)):
-        t.add_row(escape(k.name), k.id, escape(', '.join(k.models)), ', '.join(k.scopes), k.created[:16].replace('T', ' '),
+        t.add_row(escape(k.name), k.id, escape(', '.join(k.models)), ', '.join(k.scopes), *([_rate(k, s)] if limited else []), k.created[:16].replace('T', ' '),
                   ('[red]expired[/red] ' if k.expired() else '') + k.expires[:16].replace('T', ' ') if k.expires else '-', k.source)
     out.print(t, highlight=False)
 

@@ -132,8 +132,8 @@ def load_version(settings:Settings, spec:ModelSpec, version:str):
         try: background = mlmodel.load_input_example(uri)
         except Exception: background = None   # no example, or one that cannot be read: explanations say what to log
         if not isinstance(background, pd.DataFrame): background = None
-    if 'sklearn' in info.flavors: return mlflow.sklearn.load_model(uri), fields_of(schema), background
-    return OneColumn(mlflow.pyfunc.load_model(uri)), fields_of(schema), background
+    if 'sklearn' in info.flavors: return mlflow.sklearn.load_model(uri), fields_of(schema, meta.get('domain')), background
+    return OneColumn(mlflow.pyfunc.load_model(uri)), fields_of(schema, meta.get('domain')), background
 
 class OneColumn:
     "A pyfunc model (a PyTorch module, say) whose predictions of one output come as one value per row, as a scikit-learn regressor's."
@@ -153,7 +153,7 @@ class ModelServer:
     def __init__(self, settings:Settings, specs:list[ModelSpec]|None=None, predict=None, replica:str='local'):
         from nbprod.api import Endpoint
         from nbprod.audit import AuditLog
-        from nbprod.auth import load_keyring
+        from nbprod.auth import RateLimiter, load_keyring
         self.settings,self.specs = settings,specs or serve_specs(settings)
         self.client = _mlflow(settings)
         self.state = {}                                   # name -> (aliases, weight), what is loaded
@@ -166,7 +166,9 @@ class ModelServer:
         from nbprod.feedback import label_log
         labels = {s.name: label_log(settings.store, s.name, replica) for s in self.specs}
         self.endpoint = Endpoint({}, load_keyring(settings), audit=audits, max_bytes=settings.max_body_bytes, profiles=self.profiles,
-                                 labels=labels, **kw)
+                                 labels=labels, limiter=RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst),
+                                 explain_max_records=min(settings.explain_max_records, settings.max_records),
+                                 explain_threads=settings.explain_threads, retry_after_s=settings.retry_after_s, **kw)
         for spec in self.specs: self._load(spec, *aliases(self.client, spec))
 
     def _load(self, spec:ModelSpec, found:dict, weight:float):
@@ -260,6 +262,7 @@ def server_class():
             from nbprod.recorder import settings_from_json
             s = settings_from_json(settings_json)
             if not s.ray_address: _loopback_grpc()   # before Ray starts the replica's gRPC server (see below)
+            sys.setswitchinterval(0.001)             # the event loop waits at most 1 ms (not 5) for the GIL while explanations compute
             ctx = serve.get_replica_context()
             self.replica = ctx.replica_id.unique_id if ctx else 'local'
             self.server = ModelServer(s, predict=self._predict, replica=self.replica)
@@ -282,7 +285,8 @@ def server_class():
             except Exception as e: log.warning("could not write this replica's traffic counts: %s: %s", type(e).__name__, e)
 
         def __serve_build_asgi_app__(self):
-            app = build_app(self.server.endpoint, title=self.title, gather=self._gather)
+            s = self.server.settings
+            app = build_app(self.server.endpoint, title=self.title, gather=self._gather, publish_docs=s.publish_docs, publish_metrics=s.publish_metrics)
             self.metrics = app.state.metrics
             return app
 

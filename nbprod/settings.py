@@ -87,6 +87,12 @@ def _resources(lo_exclusive):
         return int(x) if x.is_integer() else x
     return check
 
+def _rate(v):
+    "Requests a second: a finite number >= 0 (0: no limit)."
+    x = float(v)
+    if x != x or x in (float('inf'), float('-inf')) or x < 0: raise ValueError(v)
+    return x
+
 def _lower_choice(*options):
     def check(v):
         if v.strip().lower() not in options: raise ValueError(v)
@@ -146,6 +152,12 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'batch_wait_ms': ('1', _int_at_least(0), "milliseconds a batch waits to fill, an integer >= 0"),
     'max_records':   ('1000', _int_at_least(1), "records one prediction request may hold, an integer >= 1"),
     'max_body_bytes': ('1000000', _int_at_least(1), "bytes a request body may have, an integer >= 1"),
+    'explain_max_records': ('100', _int_at_least(1), "records one /explain request may hold, an integer >= 1 (explanations cost far more than predictions; never more than max_records)"),
+    'explain_threads': ('1', _int_at_least(1), "explanations one replica computes at once, in threads of their own that predictions never wait for, an integer >= 1"),
+    'rate_limit_rps': ('0', _rate, "requests a second one API key may send to one replica, on average, a number >= 0 (0: no limit); a key's own rate (nbprod keys create --rate) comes first"),
+    'rate_limit_burst': ('10', _int_at_least(1), "requests a key may send at once above its rate (the size of its token bucket), an integer >= 1; a key's own burst comes first"),
+    'publish_docs':  ('false', _bool, "true or false (true: /docs, /redoc and /openapi.json answer without a key and list every model; false: /openapi.json only to a key, with its models)"),
+    'publish_metrics': ('false', _bool, "true or false (true: /metrics answers without a key; false: only to a key with the metrics scope)"),
     'registry_poll_s': ('5', _int_at_least(1), "seconds between checks of the registry for new aliases and traffic weights, an integer >= 1"),
     'profile_window_s': ('3600', _int_at_least(1), "seconds of traffic in one profile window (windows start at multiples of it, UTC), an integer >= 1"),
     'profile_flush_s': ('10', _int_at_least(1), "seconds between writes of a replica's traffic profiles to the store, an integer >= 1"),
@@ -259,6 +271,12 @@ class Settings:
     batch_wait_ms: int
     max_records: int
     max_body_bytes: int
+    explain_max_records: int
+    explain_threads: int
+    rate_limit_rps: float      # per key and replica; 0: no limit
+    rate_limit_burst: int
+    publish_docs: bool         # the API documentation pages without a key (off: /openapi.json per key)
+    publish_metrics: bool      # /metrics without a key (off: a key with the metrics scope)
     registry_poll_s: int
     profile_window_s: int
     profile_flush_s: int

@@ -22,11 +22,12 @@ def served(tmp_path_factory):
     s = p.settings()
     register(p)
     _, key = create_key(s, 'tests', ['sleepy'])
+    _, scrape = create_key(s, 'prometheus', scopes=['metrics'])   # /metrics answers only a key with the metrics scope
     proc = p.popen('serve')
     url = f'http://127.0.0.1:{port}'
     try:
         wait_ready(proc, url)
-        yield p, f'{url}/v1/models/sleepy/predict', key, proc
+        yield p, f'{url}/v1/models/sleepy/predict', key, proc, scrape
     finally:
         if proc.poll() is None: proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
@@ -36,7 +37,7 @@ def served(tmp_path_factory):
 def test_metrics_add_up_across_replicas(served):
     "Requests answered by both replicas: every scrape of /metrics, whichever replica answers it, counts them all."
     from prometheus_client.parser import text_string_to_metric_families
-    p, url, key, proc = served
+    p, url, key, proc, scrape = served
     statuses = []
     def five():
         for _ in range(5): statuses.append(call(url, {'temp': 0.5, 'wait': 0.05}, key)[0])
@@ -53,7 +54,7 @@ def test_metrics_add_up_across_replicas(served):
     time.sleep(1.5)                       # each replica sends its counts every second
     base = url.rsplit('/v1/', 1)[0]
     for _ in range(6):
-        status, text, _ = call(f'{base}/metrics')
+        status, text, _ = call(f'{base}/metrics', key=scrape)
         assert status == 200
         counted = sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
                       if x.name == 'nbprod_requests_total' and x.labels['code'] == '200')
@@ -92,7 +93,7 @@ def _burst(url, key, n, wait, rid=''):
 
 def test_overload_is_503_with_retry_after_not_a_timeout(served):
     "40 requests of 1.5 s at once against room for 8 (+4 waiting): the rest are refused at once, the server goes on."
-    p, url, key, proc = served
+    p, url, key, proc, scrape = served
     assert call(url, {'temp': 0.5, 'wait': 0.0}, key)[0] == 200
     got = _burst(url, key, 40, 1.5)
     codes = Counter(s for s, *_ in got)
@@ -118,7 +119,7 @@ def test_sigkill_a_replica_under_load_loses_no_answered_prediction(served):
     "8 clients for 8 s; a replica is killed with SIGKILL after 3 s. Every request answered 200 is in the audit log."
     import psutil
     from nbprod.audit import read_audit
-    p, url, key, proc = served
+    p, url, key, proc, scrape = served
     replicas = _replica_pids(proc)
     assert len(replicas) == 2, replicas
     victim = sorted(replicas)[0]
@@ -154,7 +155,7 @@ def test_sigkill_a_replica_under_load_loses_no_answered_prediction(served):
 
 def test_a_request_that_breaks_the_model_fails_alone(served):
     "6 requests at once, batched together; 2 break the model: those 2 get a 500 with their request id, the other 4 their prediction."
-    p, url, key, proc = served
+    p, url, key, proc, scrape = served
     got = [None] * 6
     def one(i):
         for _ in range(50):   # a replica may still be coming back from the SIGKILL test: a 503 says to try again
