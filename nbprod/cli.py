@@ -15,10 +15,11 @@ from . import __version__
 from .errors import NbprodError, PipelineFailed, RunFailed, RunKilled
 
 # %% auto #0
-__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'monitor_app', 'main_options', 'run', 'sweep', 'tune',
-           'runs', 'new', 'export', 'check', 'serve', 'apps', 'dashboard', 'keys_create', 'keys_list', 'keys_rotate',
-           'keys_revoke', 'profile_cmd', 'monitor_drift', 'monitor_check', 'monitor_alerts', 'monitor_labels',
-           'monitor_performance', 'monitor_retrain', 'monitor_history', 'monitor_approve', 'monitor_veto', 'main']
+__all__ = ['EXAMPLES', 'app', 'out', 'err', 'ProfileOpt', 'keys_app', 'audit_app', 'monitor_app', 'main_options', 'run', 'sweep',
+           'tune', 'runs', 'new', 'export', 'check', 'serve', 'apps', 'dashboard', 'keys_create', 'keys_list',
+           'keys_rotate', 'keys_revoke', 'audit_verify', 'audit_show', 'audit_compact', 'profile_cmd', 'monitor_drift',
+           'monitor_check', 'monitor_alerts', 'monitor_labels', 'monitor_performance', 'monitor_retrain',
+           'monitor_history', 'monitor_approve', 'monitor_veto', 'main']
 
 # %% ../nbs/10_cli.ipynb #357c0579
 EXAMPLES = """[bold]Examples[/bold]
@@ -563,6 +564,87 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name or id."
     try: gone = revoke_key(load_settings(profile=profile), name)
     except NbprodError as e: _fail(e)
     out.print(f"revoked key [bold]{escape(gone.name)}[/bold] ({gone.id})")
+
+# %% ../nbs/10_cli.ipynb #51f08fdb
+audit_app = typer.Typer(help="The audit log of the endpoints: verify its hash chains, show one request's records, compact old days into Parquet.", no_args_is_help=True)
+app.add_typer(audit_app, name='audit')
+
+def _audit_folder(profile:str|None, model:str|None) -> Path:
+    "The project's audit folder; a `model` must be one the log holds (a name, never a path)."
+    from nbprod.settings import load_settings
+    folder = load_settings(profile=profile).store/'audit'
+    if model is not None:
+        held = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.')) if folder.is_dir() else []
+        if model not in held:
+            raise NbprodError(f"no audit log for model {model!r}" + (f" (the log holds: {', '.join(held)})" if held else f" (nothing under {folder} yet)"),
+                              hint="name a served model, or leave it out for all of them; records appear once `nbprod serve` answers")
+    return folder
+
+_CHECK_CELL = {'ok': '[green]intact[/green]', 'warning': '[yellow]warning[/yellow]', 'problem': '[bold red]PROBLEM[/bold red]'}
+
+@audit_app.command('verify', epilog="[dim]nbprod audit verify bikeshare || page-someone   # exit 0 intact, 1 warnings, 2 a record edited, removed or cut off[/dim]")
+def audit_verify(model: Annotated[Optional[str], typer.Argument(help="A served model (default: all).", show_default=False)] = None,
+                 profile: ProfileOpt = None):
+    "Check the hash chain of every file of the audit log; name the first edited, removed or cut-off record. Exit 0 intact, 1 warnings only, 2 a problem."
+    from nbprod.audit import verify_audit
+    try: folder = _audit_folder(profile, model)
+    except NbprodError as e: _fail(e)
+    checks = verify_audit(folder, model)
+    if not checks:
+        out.print(f"no audit records under {folder} yet")
+        return
+    t = Table(box=None)
+    for col in ('file', 'records', 'chain', 'first bad record', 'what'): t.add_column(col, no_wrap=col != 'what', overflow='fold')
+    for c in checks:
+        where = '-' if c.position is None else f"record {c.position}" + (f" ({c.request_id})" if c.request_id else '')
+        t.add_row(escape(str(c.path.relative_to(folder))), str(c.records), _CHECK_CELL[c.status], escape(where),
+                  escape(c.reason if c.status == 'problem' else '; '.join(c.warnings)))
+    out.print(t, highlight=False)
+    bad,warned = [c for c in checks if c.status == 'problem'],[c for c in checks if c.status == 'warning']
+    n = sum(c.records for c in checks)
+    if bad:
+        for c in bad:
+            err.print(f"[bold red]{escape(c.path.name)}:[/bold red] {escape(c.reason)} at record {c.position}"
+                      + (f", request id {escape(repr(c.request_id))}" if c.request_id else ''), highlight=False)
+        err.print(f"  [yellow]hint:[/yellow] records were edited, removed or cut off after they were written: keep a copy of {escape(str(folder))} "
+                  "as it is for the investigation; `nbprod audit show REQUEST_ID` prints a record", highlight=False)
+        raise typer.Exit(2)
+    out.print(f"{len(checks)} files, {n:,} records: " + ("intact" if not warned else f"nothing edited or removed; {len(warned)} with warnings (above)"), highlight=False)
+    raise typer.Exit(1 if warned else 0)
+
+@audit_app.command('show', epilog="[dim]nbprod audit show 0e43360a-18e9-4de0-bc09-aaac8d9d5355[/dim]")
+def audit_show(request_id: Annotated[str, typer.Argument(help="The request id (the answer's request_id, its X-Request-ID header).", show_default=False)],
+               model: Annotated[Optional[str], typer.Option('--model', '-m', help="Look in this model's log only.", show_default=False)] = None,
+               profile: ProfileOpt = None):
+    "Print the audit records of one request (one per record it held, and its labels) as JSON."
+    import json
+    from nbprod.audit import find_record
+    try:
+        folder = _audit_folder(profile, model)
+        found = find_record(folder, request_id, model) if folder.is_dir() else []
+        if not found: raise NbprodError(f"no audit record with request id {request_id!r}" + (f" for model {model!r}" if model else ''),
+                                        hint="the answer's request_id (or its X-Request-ID header) names it; `nbprod audit verify` checks that nothing was removed")
+    except NbprodError as e: _fail(e)
+    print(json.dumps(found, indent=2, ensure_ascii=False, default=str))
+
+@audit_app.command('compact', epilog="[dim]nbprod audit compact   # cron, daily: yesterday's JSON lines into Parquet[/dim]")
+def audit_compact(before: Annotated[Optional[str], typer.Option('--before', help="Compact days before this one (YYYY-MM-DD, UTC; default: today).", show_default=False)] = None,
+                  profile: ProfileOpt = None):
+    "Turn the JSON-lines files of past days into one Parquet part per model and day; a raw file is deleted only once every record of it is read back from the part."
+    import datetime, warnings
+    from nbprod.audit import compact
+    try:
+        if before is not None:
+            try: datetime.date.fromisoformat(before)
+            except ValueError: raise NbprodError(f"--before {before!r} is not a date", hint="write it as YYYY-MM-DD, e.g. --before 2026-12-01") from None
+        folder = _audit_folder(profile, None)
+    except NbprodError as e: _fail(e)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        parts = compact(folder, before) if folder.is_dir() else []
+    for w in caught: err.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", highlight=False)
+    for p in parts: out.print(f"  {escape(str(p.relative_to(folder)))}", highlight=False)
+    out.print(f"wrote {len(parts)} Parquet part{'s' if len(parts) != 1 else ''}" if parts else "nothing to compact: no JSON lines of an earlier day", highlight=False)
 
 # %% ../nbs/10_cli.ipynb #0e8d37a5
 @app.command('profile', epilog="[dim]nbprod profile data/processed/train.parquet --check hours[/dim]")

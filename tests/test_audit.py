@@ -89,3 +89,83 @@ def test_compacting_after_sigkill_keeps_every_record(killed, tmp_path):
     assert not list(folder.rglob('*.jsonl')) and not list(folder.rglob('*.head'))
     assert [(c.path, c.status) for c in verify_audit(folder, 'bikeshare')] == [(part, 'ok')]
     _exactly_once(folder, killed[1])
+
+
+# --- nbprod audit: verify, show, compact -------------------------------------------------------------------------------
+
+@pytest.fixture
+def logged(project):
+    "A project whose audit log holds 20 requests of `bikeshare` and 3 of `taxi`, written as a replica writes them."
+    from nbprod.audit import AuditLog
+    folder = project.settings().store/'audit'
+    for model, n in (('bikeshare', 20), ('taxi', 3)):
+        log = AuditLog(folder, model, replica='r1', pii=['client_id'])
+        log.write_sync([{'request_id': f'{model}-{i}', 'index': 0, 'client_id': 'c1', 'version': '1', 'variant': 'champion',
+                         'inputs': {'temp': i / 10}, 'outputs': i * 2.5, 'latency_ms': 1.0} for i in range(n)])
+        log.close()
+    return project, folder
+
+
+def test_cli_audit_verify_names_the_first_edited_record(logged):
+    p, folder = logged
+    r = p.cli('audit', 'verify')
+    assert r.returncode == 0 and 'intact' in r.stdout and '23 records' in ' '.join(r.stdout.split()), r.stdout + r.stderr
+    [path] = list((folder/'bikeshare').rglob('*.jsonl'))
+    lines = path.read_bytes().split(b'\n')
+    assert b'"outputs":17.5' in lines[7]
+    lines[7] = lines[7].replace(b'"outputs":17.5', b'"outputs":99.5')       # someone edits the answer of bikeshare-7
+    path.write_bytes(b'\n'.join(lines))
+    r = p.cli('audit', 'verify')
+    said = ' '.join(r.stdout.split()) + ' ' + ' '.join(r.stderr.split())
+    assert r.returncode == 2 and 'edited' in said and 'bikeshare-7' in said and 'record 7' in said, said
+    assert 'taxi' in said                                                     # the other model's files were checked too
+    assert p.cli('audit', 'verify', 'taxi').returncode == 0
+    path.write_bytes(b'\n'.join(lines[:7] + lines[8:]))                       # or removes it
+    r = p.cli('audit', 'verify', 'bikeshare')
+    said = ' '.join((r.stdout + r.stderr).split())
+    assert r.returncode == 2 and 'removed' in said and 'bikeshare-8' in said, said
+
+
+def test_cli_audit_verify_reports_a_torn_last_line_and_a_cut_off_tail(logged):
+    p, folder = logged
+    [path] = list((folder/'taxi').rglob('*.jsonl'))
+    data = path.read_bytes()
+    path.write_bytes(data + b'{"request_id":"taxi-3","ind')                  # a write cut short by a crash: never acknowledged
+    r = p.cli('audit', 'verify', 'taxi')
+    said = ' '.join((r.stdout + r.stderr).split())
+    assert r.returncode == 1 and 'torn last line' in said, said             # a warning: nothing acknowledged is missing
+    path.write_bytes(data[:data.rstrip(b'\n').rfind(b'\n') + 1])             # the last acknowledged record cut off
+    r = p.cli('audit', 'verify', 'taxi')
+    said = ' '.join((r.stdout + r.stderr).split())
+    assert r.returncode == 2 and 'truncated' in said, said
+
+
+def test_cli_audit_show_prints_one_request(logged):
+    p, _ = logged
+    r = p.cli('audit', 'show', 'bikeshare-4')
+    assert r.returncode == 0, r.stderr
+    [rec] = json.loads(r.stdout)
+    assert (rec['request_id'], rec['model'], rec['outputs'], rec['inputs']) == ('bikeshare-4', 'bikeshare', 10.0, {'temp': 0.4}), rec
+    assert rec['client_id'].startswith('hmac:') and 'c1' not in r.stdout      # personal fields stay hashed
+    r = p.cli('audit', 'show', 'nope-1')
+    assert r.returncode == 2 and "no audit record with request id 'nope-1'" in r.stderr and 'nbprod audit' not in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize('model', ['../../etc', 'bikeshare/../taxi', '/tmp', 'nosuch'])
+def test_cli_audit_refuses_a_model_that_is_not_in_the_log(logged, model):
+    p, _ = logged
+    r = p.cli('audit', 'verify', model)
+    said = ' '.join(r.stderr.split())
+    assert r.returncode == 2 and 'no audit log for model' in said and 'bikeshare, taxi' in said, said
+
+
+def test_cli_audit_compact_keeps_every_record(logged):
+    from nbprod.audit import read_audit
+    p, folder = logged
+    before = read_audit(folder)
+    r = p.cli('audit', 'compact', '--before', '9999-12-31')
+    assert r.returncode == 0 and '2 Parquet parts' in ' '.join(r.stdout.split()), r.stdout + r.stderr
+    assert not list(folder.rglob('*.jsonl')) and len(list(folder.rglob('*.parquet'))) == 2
+    after = read_audit(folder)
+    assert sorted(after.request_id) == sorted(before.request_id) and len(after) == 23
+    assert p.cli('audit', 'verify').returncode == 0
