@@ -241,6 +241,26 @@ def stop_server(proc, timeout: float = 120) -> bool:
     finally: end_tree(proc)
 
 
+def stop_collect(proc, timeout: float = 120) -> tuple[str, str]:
+    "Ctrl-C `proc` (a server started with pipes) and read what it printed; a server that does not stop within `timeout` s has its whole tree ended and fails the test."
+    if proc.poll() is None: proc.send_signal(signal.SIGINT)
+    try: out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ended = end_tree(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} did not stop within {timeout:.0f} s of Ctrl-C; ended {len(ended)} processes of its tree\n"
+                             f"stderr:\n{err[-3000:]}") from None
+    end_leftovers(proc)
+    return out, err
+
+
+def end_leftovers(proc, wait: float = 15) -> list[str]:
+    "After `proc` ended: give what it started `wait` s to end (Ray's workers end a moment after the driver), then end the rest."
+    deadline = time.time() + wait
+    while tree(proc) and time.time() < deadline: time.sleep(0.2)
+    return end_tree(proc)
+
+
 def listening(pids) -> list[tuple[int, str, int]]:
     "`(pid, address, port)` of each TCP socket in LISTEN that processes `pids` hold open (IPv4 and IPv6)."
     inodes = {}

@@ -15,7 +15,7 @@ import json, signal, time
 import numpy as np
 import pytest
 
-from conftest import Project, call, free_port, wait_ready
+from conftest import Project, call, free_port, wait_ready, stop_collect
 
 TRAIN = '''import numpy as np, pandas as pd
 from mlflow.exceptions import MlflowException
@@ -80,8 +80,7 @@ def loop(tmp_path_factory):
         p.url, p.key = url, key
         yield p
     finally:
-        if proc.poll() is None: proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out, err = stop_collect(proc)             # Ctrl-C; a server that does not stop has its whole tree ended
     assert proc.returncode == 0, err
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project, call, free_port, wait_ready
+from conftest import Project, call, end_leftovers, end_tree, free_port, wait_ready
 
 
 @pytest.fixture(scope='module')
@@ -53,9 +53,9 @@ def served(tmp_path_factory):
         if proc.poll() is None: proc.send_signal(signal.SIGINT)   # nbprod serve stops Serve and its Ray
         try: proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"nbprod serve did not stop within 120 s of Ctrl-C\n{printed()}") from None
+            ended = end_tree(proc)                                 # its Ray and HAProxy too: nothing left to answer the next module
+            raise AssertionError(f"nbprod serve did not stop within 120 s of Ctrl-C; ended {len(ended)} processes\n{printed()}") from None
+        else: end_leftovers(proc)                                 # what a stop that did end left behind
         for r in readers: r.join(10)
     assert not any(r.is_alive() for r in readers), "nbprod serve's output did not end with it"
     out, err = ''.join(out), ''.join(err)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import Project, call, free_port, wait_ready
+from conftest import Project, call, free_port, wait_ready, stop_collect
 from sleepy import register
 
 
@@ -29,8 +29,7 @@ def served(tmp_path_factory):
         wait_ready(proc, url)
         yield p, f'{url}/v1/models/sleepy/predict', key, proc, scrape
     finally:
-        if proc.poll() is None: proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out, err = stop_collect(proc)             # Ctrl-C; a server that does not stop has its whole tree ended
     assert proc.returncode == 0, err
 
 
