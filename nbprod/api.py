@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['log', 'MAX_HEADER_CHARS', 'INLINE_BODY_BYTES', 'EXPLAIN_QUEUE', 'Variant', 'ServedModel', 'request_id',
-           'client_headers', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'browser_guard', 'build_app',
-           'openapi_for']
+           'client_headers', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'browser_guard', 'log_failed_requests',
+           'build_app', 'openapi_for']
 
 # %% ../nbs/19_api.ipynb #0317326c
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
-import asyncio, hashlib, json, logging, random, re, time, uuid
+import asyncio, contextvars, functools, hashlib, json, logging, math, random, re, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ from typing import Callable
 from .auth import KeyRing, RateLimiter
 from .errors import Forbidden, NbprodError, RequestError
 from .feedback import MAX_LABELS, AnswerIndex, LabelIndex, label_rule, parse_feedback, screen
+from .secrets import RequestLogFilter, note_pii
 from .validation import RequestValidator
 
 log = logging.getLogger('nbprod.api')
@@ -50,6 +51,7 @@ class ServedModel:
     shadow: Variant|None = None
     preprocess: Callable|None = None      # DataFrame of requests -> model input (an exported notebook function)
     postprocess: Callable|None = None     # (requests, predictions) -> list of outputs
+    pii: tuple = ()                       # personal fields: their values never reach a log (nbprod.secrets.note_pii)
 
     def pick(self, client_id:str|None=None) -> Variant:
         "The variant for this request: sticky per client id, else weighted at random."
@@ -110,8 +112,59 @@ def run_model(model:ServedModel, variant:Variant, rows:list[dict], inputs:tuple|
     if len(out) != len(rows): raise ValueError(f"{model.name} answered {len(out)} outputs for {len(rows)} records")
     return out
 
+def _plain(x):
+    "A numpy number or array (a `postprocess` may answer them) as plain Python, for JSON."
+    if isinstance(x, (np.generic, np.ndarray)): return x.tolist()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(',', ':')).encode()
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(',', ':'), default=_plain).encode()
+
+_FAR_OUT = "the input is likely far outside what the model was trained on"
+
+def _not_finite(x, path:str='') -> list[tuple[str, str]]:
+    "Each number in `x` (a number, or lists and dicts of them) that is not finite: `[(where, 'nan' | 'inf' | '-inf')]`."
+    if isinstance(x, (float, np.floating)): return [] if math.isfinite(x) else [(path, str(float(x)))]
+    if isinstance(x, dict): return [b for k,v in x.items() for b in _not_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(x, (list, tuple, np.ndarray)): return [b for i,v in enumerate(x) for b in _not_finite(v, f"{path}[{i}]")]
+    return []
+
+def _finite_leaves(x):
+    "`x` with each number that is not finite made `None` (JSON's null)."
+    if isinstance(x, (float, np.floating)): return x if math.isfinite(x) else None
+    if isinstance(x, dict): return {k: _finite_leaves(v) for k,v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)): return [_finite_leaves(v) for v in x]
+    return x
+
+def _places(bad:list[tuple[str, str]]) -> str:
+    return ", ".join(f"{p} = {v}" for p,v in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else '')
+
+def _finite_outputs(outputs:list, many:bool) -> tuple[list, list[dict]]:
+    "`outputs` with each record's output that is, or holds, a number that is not finite (JSON has none) made null; and a warning per such record."
+    try:
+        if math.isfinite(sum(outputs, 0.0)): return outputs, []   # the usual case, at C speed: a sum is finite only when every term is
+    except (TypeError, OverflowError): pass                       # text, lists, dicts, huge integers: one by one
+    out,warned = list(outputs),[]
+    for i,o in enumerate(outputs):
+        if bad := _not_finite(o):
+            out[i] = None
+            what = f"not a finite number ({bad[0][1]})" if bad[0][0] == '' else f"not all finite numbers ({_places(bad)})"
+            warned.append({'record': i if many else None, 'field': None, 'reason': f"the model's output is {what}: answered as null; {_FAR_OUT}"})
+    return out, warned
+
+def _finite_explanations(found:list[dict], many:bool) -> tuple[list[dict], list[dict]]:
+    "The explanations with each number that is not finite (a contribution, the base value, the output) made null; and a warning per explanation that had one."
+    out,warned = [],[]
+    for i,e in enumerate(found):
+        bad = _not_finite(e)
+        out.append(_finite_leaves(e) if bad else e)
+        if bad: warned.append({'record': i if many else None, 'field': None,
+                               'reason': f"the explanation's numbers are not all finite ({_places(bad)}): answered as null; {_FAR_OUT}"})
+    return out, warned
+
+def _in_pool(pool:ThreadPoolExecutor, fn, *args):
+    "`fn(*args)` in `pool`, awaitable, in a copy of this task's context (`run_in_executor` alone does not copy it: the log filter reads the request's personal values from it)."
+    return asyncio.get_running_loop().run_in_executor(pool, functools.partial(contextvars.copy_context().run, fn, *args))
 
 async def _predict_in_thread(model:ServedModel, variant:Variant, rows:list[dict]) -> list:
     return await asyncio.to_thread(run_model, model, variant, rows)
@@ -148,7 +201,7 @@ class Endpoint:
         return self.models[name]
 
     async def _admit(self, name:str, body:bytes, authorization:str|None, client_id:str|None, route:str='predict'):
-        "`(model, key, records, many, variant)` of a request that may go on, else a `RequestError` (401, 404, 403, 429, 503, 4xx); a big body is checked in a thread."
+        "`(model, key, records, many, variant, warnings)` of a request that may go on, else a `RequestError` (401, 404, 403, 429, 503, 4xx); a big body is checked in a thread. The records' personal values are noted for the log filter."
         key = self.keys.identify(authorization)   # 401 first: a caller without a key learns nothing of the models
         model = self.model(name, key)
         key = self.keys.check(authorization, name)
@@ -156,18 +209,19 @@ class Endpoint:
         if route == 'explain' and self._explaining > self.explain_threads * (1 + EXPLAIN_QUEUE):
             raise RequestError(f"explanations are busy: {self._explaining - 1} in progress or waiting", status=503, headers={'Retry-After': str(max(1, self.retry_after_s))},
                                hint="try again after Retry-After seconds; predictions are answered meanwhile")
-        if len(body) <= INLINE_BODY_BYTES: rows,many = self._parse(model, body, route)
-        else: rows,many = await asyncio.get_running_loop().run_in_executor(self._parse_pool, self._parse, model, body, route)
-        return model, key, rows, many, model.pick(client_id)
+        if len(body) <= INLINE_BODY_BYTES: rows,many,warned = self._parse(model, body, route)
+        else: rows,many,warned = await _in_pool(self._parse_pool, self._parse, model, body, route)
+        note_pii(rows if model.pii else (), model.pii)   # here, in the request's task: what it logs (and the threads it starts) never shows them
+        return model, key, rows, many, model.pick(client_id), warned
 
-    def _parse(self, model:ServedModel, body:bytes, route:str) -> tuple[list[dict], bool]:
-        rows,many = model.validator.parse_records(body)
+    def _parse(self, model:ServedModel, body:bytes, route:str) -> tuple[list[dict], bool, list[dict]]:
+        rows,many,warned = model.validator.parse_checked(body)
         limit = self.explain_max_records
         if route == 'explain' and limit is not None and len(rows) > limit:
             raise RequestError(f"{len(rows)} records; /explain takes at most {limit} per request", status=422,
                                errors=[{'record': None, 'field': None, 'reason': f"at most {limit} records per explanation request (explain_max_records)"}],
                                hint=f"send at most {limit} records per /explain request; /predict takes up to {model.validator.max_records}")
-        return rows, many
+        return rows, many, warned
 
     def _follow(self, name:str):
         "Read what other replicas appended to the model's audit log since the last look (at most every `follow_s`, in a thread)."
@@ -195,60 +249,65 @@ class Endpoint:
     async def predict(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None, claim:bool=False) -> dict:
         "Check, predict, audit; the answer's body (`claim`: `rid` is the client's, refused if used already)."
         t0 = time.perf_counter()
-        model,key,rows,many,variant = await self._admit(name, body, authorization, client_id)
+        model,key,rows,many,variant,warned = await self._admit(name, body, authorization, client_id)
         if claim: self._claim(name, rid)
         try:
-            outputs = await self._predict(model, variant, rows)
+            outputs,bad = _finite_outputs(await self._predict(model, variant, rows), many)   # inf or NaN: null, and a warning
             if (audit := self._audit(model)) is not None:   # on disk before the answer leaves
-                await audit.write(self._records(model, variant, rows, outputs, rid, client_id, key, t0))
+                await audit.write(self._records(model, variant, rows, outputs, rid, client_id, key, t0, warnings=warned + bad))
             self._answered(model, rid, key, len(rows))
         finally:
-            if claim: self._claimed[name].discard(rid)
+            if claim: self._claimed.get(name, set()).discard(rid)   # (none: the model keeps no audit log)
         self._profile(model, variant, rows, outputs)
         if model.shadow is not None:
-            task = asyncio.get_running_loop().create_task(self._shadow(model, rows, rid, client_id, key, t0))
+            task = asyncio.get_running_loop().create_task(self._shadow(model, rows, rid, client_id, key, t0, warned))
             self.shadow_tasks.add(task)
             task.add_done_callback(self.shadow_tasks.discard)
-        return {'request_id': rid, 'model': name, 'version': variant.version, 'variant': variant.alias,
-                'predictions' if many else 'prediction': outputs if many else outputs[0]}
+        out = {'request_id': rid, 'model': name, 'version': variant.version, 'variant': variant.alias,
+               'predictions' if many else 'prediction': outputs if many else outputs[0]}
+        if warned or bad: out['warnings'] = warned + bad
+        return out
 
     async def explain(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None, claim:bool=False) -> dict:
         "Check, predict and explain, audit (with the explanation); the answer's body. The work, the audit records included, is done in the explain threads, so that predictions never wait for it."
         t0 = time.perf_counter()
         self._explaining += 1                     # counted before it is admitted: at most explain_threads * (1 + EXPLAIN_QUEUE) at once
         try:
-            model,key,rows,many,variant = await self._admit(name, body, authorization, client_id, 'explain')
+            model,key,rows,many,variant,warned = await self._admit(name, body, authorization, client_id, 'explain')
             if claim: self._claim(name, rid)
             try:
                 audit = self._audit(model)
                 def work():
                     explainer,inputs = variant.explainer_of(),model_input(model, rows)
-                    found,outputs = explainer.explain(inputs[1]),run_model(model, variant, rows, inputs)
-                    found = [{'prediction': o, **e} for o,e in zip(outputs, found)]
-                    if audit is not None: audit.write_sync(self._records(model, variant, rows, outputs, rid, client_id, key, t0, found))   # on disk before the answer leaves
-                    return explainer, found, outputs
-                explainer,found,outputs = await asyncio.get_running_loop().run_in_executor(self._explain_pool, work)
+                    found,(outputs,bad) = explainer.explain(inputs[1]),_finite_outputs(run_model(model, variant, rows, inputs), many)
+                    found,unclear = _finite_explanations([{'prediction': o, **e} for o,e in zip(outputs, found)], many)
+                    w = warned + bad + unclear
+                    if audit is not None: audit.write_sync(self._records(model, variant, rows, outputs, rid, client_id, key, t0, found, w))   # on disk before the answer leaves
+                    return explainer, found, outputs, w
+                explainer,found,outputs,warned = await _in_pool(self._explain_pool, work)
                 self._answered(model, rid, key, len(rows))
             finally:
-                if claim: self._claimed[name].discard(rid)
+                if claim: self._claimed.get(name, set()).discard(rid)
         finally: self._explaining -= 1
         self._profile(model, variant, rows, outputs)
-        return {'request_id': rid, 'model': name, 'version': variant.version, 'variant': variant.alias,
-                'method': explainer.method, 'exact': explainer.exact,
-                'explanations' if many else 'explanation': found if many else found[0]}
+        out = {'request_id': rid, 'model': name, 'version': variant.version, 'variant': variant.alias,
+               'method': explainer.method, 'exact': explainer.exact,
+               'explanations' if many else 'explanation': found if many else found[0]}
+        if warned: out['warnings'] = warned
+        return out
 
     async def encode(self, out:dict, route:str) -> bytes:
         "The JSON of an answer: an explanation's (large) in an explain thread."
         if route != 'explain': return _dumps(out)
-        return await asyncio.get_running_loop().run_in_executor(self._explain_pool, _dumps, out)
+        return await _in_pool(self._explain_pool, _dumps, out)
 
-    async def _shadow(self, model, rows, rid, client_id, key, t0):
-        "The shadow's answer to the same request: audited as variant `shadow:<alias>`, never returned."
+    async def _shadow(self, model, rows, rid, client_id, key, t0, warned=()):
+        "The shadow's answer to the same request: audited as variant `shadow:<alias>` (with the request's `warned` and its own), never returned."
         try:
-            outputs = await self._predict(model, model.shadow, rows)
+            outputs,bad = _finite_outputs(await self._predict(model, model.shadow, rows), True)
             if (audit := self._audit(model)) is not None:
                 shadow = Variant(f"shadow:{model.shadow.alias}", model.shadow.version, None)
-                await audit.write(self._records(model, shadow, rows, outputs, rid, client_id, key, t0))
+                await audit.write(self._records(model, shadow, rows, outputs, rid, client_id, key, t0, warnings=[*warned, *bad]))
         except Exception: log.exception("shadow prediction of %s failed (request %s)", model.name, rid)
 
     async def feedback(self, body:bytes, authorization:str|None) -> dict:
@@ -290,12 +349,14 @@ class Endpoint:
     def _audit(self, model):
         return self.audit.get(model.name) if isinstance(self.audit, dict) else self.audit
 
-    def _records(self, model, variant, rows, outputs, rid, client_id, key, t0, explanations=None) -> list[dict]:
+    def _records(self, model, variant, rows, outputs, rid, client_id, key, t0, explanations=None, warnings=()) -> list[dict]:
+        "The audit records of an answer, one per record; a record that was warned of (outside the training range, an output that is not a finite number) carries its warnings."
         ms = (time.perf_counter() - t0) * 1000
         out = [{'request_id': rid, 'index': i, 'client_id': client_id, 'key': key.name if key else None, 'key_id': key.id if key else None, 'model': model.name,
                 'version': variant.version, 'variant': variant.alias, 'inputs': r, 'outputs': o, 'latency_ms': round(ms, 3)}
                for i,(r,o) in enumerate(zip(rows, outputs))]
         for r,e in zip(out, explanations or []): r['explanation'] = e
+        for w in warnings: out[w['record'] or 0].setdefault('warnings', []).append({'field': w['field'], 'reason': w['reason']})
         return out
 
     def describe(self) -> list[dict]:
@@ -417,15 +478,24 @@ def browser_guard(headers):
         raise RequestError("a request from another site's page is refused (its Origin is not this endpoint)", status=403,
                            hint="call the endpoint from your server, not from a browser page of another site")
 
+def log_failed_requests(log_failed_inputs:bool=False):
+    "Put a `nbprod.secrets.RequestLogFilter` on what logs a request's failure: the loggers `nbprod.api` and `nbprod.windows`, and the handlers of Ray Serve's `ray.serve` (in a replica); one each (a process's last app sets it)."
+    f = RequestLogFilter(log_failed_inputs)
+    for x in (logging.getLogger('nbprod.api'), logging.getLogger('nbprod.windows'), *logging.getLogger('ray.serve').handlers):
+        for old in [g for g in x.filters if isinstance(g, RequestLogFilter)]: x.removeFilter(old)
+        x.addFilter(f)
+
 def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[], bool]|None=None, gather=None,
-              publish_docs:bool=False,      # /docs, /redoc and /openapi.json (every model) without a key
-              publish_metrics:bool=False):  # /metrics without a key
+              publish_docs:bool=False,        # /docs, /redoc and /openapi.json (every model) without a key
+              publish_metrics:bool=False,     # /metrics without a key
+              log_failed_inputs:bool=False):  # a failed request's exception messages (they may quote its values) in the log; pii fields never
     "The FastAPI app serving `endpoint`; `await gather(snapshot)` returns every replica's metrics snapshots (default: this one's only)."
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
     metrics = Metrics()
+    log_failed_requests(log_failed_inputs)
 
     async def respond(name:str, route:str, headers, read_body) -> tuple[int, bytes, dict]:
         "`(status, JSON body, headers)` of a prediction or explanation request; `headers` answers `.get` with lower-case names."

@@ -565,7 +565,7 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name or id."
     except NbprodError as e: _fail(e)
     out.print(f"revoked key [bold]{escape(gone.name)}[/bold] ({gone.id})")
 
-# %% ../nbs/10_cli.ipynb #51f08fdb
+# %% ../nbs/10_cli.ipynb #6520ab34
 audit_app = typer.Typer(help="The audit log of the endpoints: verify its hash chains, show one request's records, compact old days into Parquet.", no_args_is_help=True)
 app.add_typer(audit_app, name='audit')
 

@@ -170,7 +170,7 @@ def allowed_hosts(s:Settings, host:str|None=None, port:int|None=None) -> list[st
     host,port = host or s.dashboard_host, port or s.dashboard_port
     local = host in LOCAL_HOSTS or host in _WILDCARDS
     out = [_authority(h, port) for h in ('127.0.0.1', 'localhost', '::1')] if local else [_authority(host, port)]
-    public = getattr(s, 'dashboard_public_hosts', '')   # the settings key; '' where the schema does not have it yet
+    public = s.dashboard_public_hosts
     out += _host_names(','.join(filter(None, [public, _redirect_host(s)])), port)
     return list(dict.fromkeys(out))
 

@@ -192,7 +192,7 @@ class ModelServer:
         post = import_function(spec.postprocess, self.settings.root) if spec.postprocess else None
         self.endpoint.models[spec.name] = ServedModel(   # one assignment: requests see the old entry or the new, never half
             spec.name, validator, [champion] + ([challenger] if challenger is not None and not spec.shadow else []),
-            shadow=challenger if spec.shadow else None, preprocess=pre, postprocess=post)
+            shadow=challenger if spec.shadow else None, preprocess=pre, postprocess=post, pii=spec.pii)
         self.state[spec.name] = (found, weight)
 
     def close(self):
@@ -286,7 +286,8 @@ def server_class():
 
         def __serve_build_asgi_app__(self):
             s = self.server.settings
-            app = build_app(self.server.endpoint, title=self.title, gather=self._gather, publish_docs=s.publish_docs, publish_metrics=s.publish_metrics)
+            app = build_app(self.server.endpoint, title=self.title, gather=self._gather, publish_docs=s.publish_docs, publish_metrics=s.publish_metrics,
+                            log_failed_inputs=s.log_failed_inputs)
             self.metrics = app.state.metrics
             return app
 

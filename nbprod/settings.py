@@ -158,6 +158,7 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'rate_limit_burst': ('10', _int_at_least(1), "requests a key may send at once above its rate (the size of its token bucket), an integer >= 1; a key's own burst comes first"),
     'publish_docs':  ('false', _bool, "true or false (true: /docs, /redoc and /openapi.json answer without a key and list every model; false: /openapi.json only to a key, with its models)"),
     'publish_metrics': ('false', _bool, "true or false (true: /metrics answers without a key; false: only to a key with the metrics scope)"),
+    'log_failed_inputs': ('false', _bool, "true or false (true: a failed request's exception messages, which may quote its values, are logged; personal (pii) fields never are)"),
     'registry_poll_s': ('5', _int_at_least(1), "seconds between checks of the registry for new aliases and traffic weights, an integer >= 1"),
     'profile_window_s': ('3600', _int_at_least(1), "seconds of traffic in one profile window (windows start at multiples of it, UTC), an integer >= 1"),
     'profile_flush_s': ('10', _int_at_least(1), "seconds between writes of a replica's traffic profiles to the store, an integer >= 1"),
@@ -174,6 +175,7 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'canary_min_requests': ('50', _int_at_least(1), "requests a canary must answer before it is judged, an integer >= 1"),
     'traffic_flush_s': ('10', _int_at_least(1), "seconds between writes of a replica's request counts, errors and latencies to the store (the dashboard's Serving page), an integer >= 1"),
     'dashboard_host': ('127.0.0.1', _host, "the address the dashboard listens on: 127.0.0.1 (this machine only), or another one with dashboard_auth set"),
+    'dashboard_public_hosts': ('', _text, "names browsers reach the dashboard by besides the address it listens on (a reverse proxy's or load balancer's name, this machine's name with dashboard_host = 0.0.0.0): host, host:port or URL, comma-separated; a request for any other Host is refused"),
     'dashboard_port': ('8501', _port, "the HTTP port of the dashboard, 1-65535"),
     'dashboard_auth': ('none', _lower_choice('none', 'password', 'oidc'), "none (only on 127.0.0.1), password (users and passwords from dashboard_password_env) or oidc (Streamlit's OpenID Connect login)"),
     'dashboard_password_env': ('NBPROD_DASHBOARD_PASSWORD', _env_name, "the environment variable holding the dashboard's users and passwords: NAME:PASSWORD pairs, comma-separated"),
@@ -277,6 +279,7 @@ class Settings:
     rate_limit_burst: int
     publish_docs: bool         # the API documentation pages without a key (off: /openapi.json per key)
     publish_metrics: bool      # /metrics without a key (off: a key with the metrics scope)
+    log_failed_inputs: bool    # a failed request's exception messages in the logs (they may quote its values; pii fields never)
     registry_poll_s: int
     profile_window_s: int
     profile_flush_s: int
@@ -293,6 +296,7 @@ class Settings:
     canary_min_requests: int
     traffic_flush_s: int
     dashboard_host: str
+    dashboard_public_hosts: str   # more names the dashboard answers to (its Host check), comma-separated
     dashboard_port: int
     dashboard_auth: str
     dashboard_password_env: str
