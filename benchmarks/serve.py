@@ -192,7 +192,7 @@ def cpu_by_process(proc):
     for p in [root, *root.children(recursive=True)]:
         try: cmd, t = ' '.join(p.cmdline()), p.cpu_times()
         except psutil.Error: continue
-        role = ('replica' if 'ServeReplica' in cmd else 'haproxy' if 'bin/haproxy' in cmd else 'serve proxy' if 'ProxyActor' in cmd
+        role = ('explain replica' if 'nbprod-explain' in cmd else 'replica' if 'ServeReplica' in cmd else 'haproxy' if 'bin/haproxy' in cmd else 'serve proxy' if 'ProxyActor' in cmd
                 else 'server' if p.pid == proc.pid else 'other ray processes')
         out[p.pid] = (role, t.user + t.system)
     return out

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['log', 'MAX_HEADER_CHARS', 'INLINE_BODY_BYTES', 'EXPLAIN_QUEUE', 'Variant', 'ServedModel', 'request_id',
            'client_headers', 'model_input', 'run_model', 'Endpoint', 'Metrics', 'browser_guard', 'log_failed_requests',
-           'build_app', 'openapi_for']
+           'build_app', 'openapi_for', 'CountedElsewhere']
 
 # %% ../nbs/19_api.ipynb #0317326c
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations at run time
@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from dataclasses import dataclass
 from typing import Callable
+from fastcore.basics import patch
 from .auth import KeyRing, RateLimiter
 from .errors import Forbidden, NbprodError, RequestError
 from .feedback import MAX_LABELS, AnswerIndex, LabelIndex, label_rule, parse_feedback, screen
@@ -187,6 +188,7 @@ class Endpoint:
         self._explain_pool = ThreadPoolExecutor(explain_threads, thread_name_prefix='nbprod-explain')
         self._parse_pool = ThreadPoolExecutor(2, thread_name_prefix='nbprod-parse')   # big bodies: two at once, beside the predictions' threads
         self.shadow_tasks = set()
+        self.explainer = None                 # explanations done in another process: see `explain_answer` (Ray Serve's explain deployment)
         logs = self.audit if isinstance(self.audit, dict) else {self.audit.model: self.audit} if self.audit is not None else {}
         # what each model's audit log and label log hold (read from the store once, then followed): unique request ids, who may label what
         self.answers = {name: AnswerIndex(a.root, a.model) for name,a in logs.items()}
@@ -270,6 +272,7 @@ class Endpoint:
 
     async def explain(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None, claim:bool=False) -> dict:
         "Check, predict and explain, audit (with the explanation); the answer's body. The work, the audit records included, is done in the explain threads, so that predictions never wait for it."
+        if self.explainer is not None: return await self._explain_elsewhere(name, body, authorization, rid, client_id, claim)
         t0 = time.perf_counter()
         self._explaining += 1                     # counted before it is admitted: at most explain_threads * (1 + EXPLAIN_QUEUE) at once
         try:
@@ -298,6 +301,7 @@ class Endpoint:
 
     async def encode(self, out:dict, route:str) -> bytes:
         "The JSON of an answer: an explanation's (large) in an explain thread."
+        if '_json' in out: return out['_json']     # encoded by the explain process that answered it
         if route != 'explain': return _dumps(out)
         return await _in_pool(self._explain_pool, _dumps, out)
 
@@ -657,3 +661,39 @@ def _docs(app, endpoint:Endpoint, title:str, publish:bool):
 
     @app.get('/redoc', include_in_schema=False)
     async def redoc(request:Request): return page(request, get_redoc_html)
+
+# %% ../nbs/19_api.ipynb #9287cf98
+class CountedElsewhere:
+    "The rate limiter of an explain process: the endpoint that took the request counted it already."
+    def take(self, key): return None
+
+@patch
+async def explain_answer(self:Endpoint, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None=None) -> tuple:
+    "What an explain process answers for `_explain_elsewhere`: `('ok', JSON, version, variant, records)`, `('refused', status, message, errors, headers, hint)` or `('failed', error type)`."
+    try:
+        out = await self.explain(name, body, authorization, rid, client_id)
+        return 'ok', await self.encode(out, 'explain'), out['version'], out['variant'], len(out['explanations']) if 'explanations' in out else 1
+    except RequestError as e: return 'refused', e.status, e.message, e.errors, e.headers, e.hint
+    except Exception as e:
+        log.exception("explanation of request %s failed", rid)
+        return 'failed', type(e).__name__
+
+@patch
+async def _explain_elsewhere(self:Endpoint, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None, claim:bool) -> dict:
+    "An explanation by `self.explainer`: the key, model, rate and request id checked here, the rest there; the answer's body, already JSON."
+    key = self.keys.identify(authorization)       # 401 first, as for a prediction
+    model = self.model(name, key)
+    key = self.keys.check(authorization, name)
+    self.limiter.take(key)
+    if claim: self._claim(name, rid)
+    try:
+        kind,*got = await self.explainer(name, body, authorization, rid, client_id)
+        if kind == 'refused':
+            status,message,errors,headers,hint = got
+            raise RequestError(message, status=status, errors=errors, headers=headers, hint=hint)
+        if kind != 'ok': raise RuntimeError(f"the explain process failed: {got[0]}")
+        json_body,version,variant,n = got
+        self._answered(model, rid, key, n)
+    finally:
+        if claim: self._claimed.get(name, set()).discard(rid)
+    return {'request_id': rid, 'model': name, 'version': version, 'variant': variant, '_json': json_body}

@@ -14,9 +14,9 @@ log = logging.getLogger('nbprod.serving')
 
 # %% auto #0
 __all__ = ['log', 'WEIGHT_TAG', 'ModelSpec', 'serve_specs', 'import_function', 'aliases', 'set_traffic', 'load_version',
-           'OneColumn', 'ModelServer', 'predict_batch', 'MetricsBoard', 'metrics_board', 'server_class', 'serve_app',
-           'load_served', 'check_before_start', 'port_in_use', 'free_port', 'choose_proxy', 'haproxy_files', 'start',
-           'stop']
+           'OneColumn', 'ModelServer', 'predict_batch', 'MetricsBoard', 'metrics_board', 'server_class',
+           'explainer_class', 'serve_app', 'load_served', 'check_before_start', 'port_in_use', 'free_port',
+           'choose_proxy', 'haproxy_files', 'start', 'stop']
 
 # %% ../nbs/20_serving.ipynb #3f65be30
 @dataclass(frozen=True)
@@ -258,14 +258,16 @@ def server_class():
     from nbprod.api import build_app
 
     class NbprodServer:
-        def __init__(self, settings_json:dict):
+        def __init__(self, settings_json:dict, explainer=None):
             from nbprod.recorder import settings_from_json
             s = settings_from_json(settings_json)
             if not s.ray_address: _loopback_grpc()   # before Ray starts the replica's gRPC server (see below)
-            sys.setswitchinterval(0.001)             # the event loop waits at most 1 ms (not 5) for the GIL while explanations compute
+            sys.setswitchinterval(0.001)             # the event loop waits at most 1 ms (not 5) for the GIL while big bodies are checked
             ctx = serve.get_replica_context()
             self.replica = ctx.replica_id.unique_id if ctx else 'local'
             self.server = ModelServer(s, predict=self._predict, replica=self.replica)
+            if explainer is not None:                # the explain deployment's handle: explanations computed in its process
+                self.server.endpoint.explainer = lambda *args: explainer.explain.remote(*args)
             self._batched.set_max_batch_size(s.batch_size)
             self._batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000)
             self.title = f"{s.project.name} models"
@@ -325,6 +327,38 @@ def server_class():
     _CLASS.append(serve.ingress()(NbprodServer))
     return _CLASS[0]
 
+_EXPLAINER = []
+
+def explainer_class():
+    "The explain deployment's class: the project's models in a process of their own, answering `Endpoint.explain_answer` (defined on first use)."
+    if _EXPLAINER: return _EXPLAINER[0]
+    from ray import serve
+    from nbprod.api import CountedElsewhere, log_failed_requests
+
+    class NbprodExplainer:
+        def __init__(self, settings_json:dict):
+            from nbprod.recorder import settings_from_json
+            s = settings_from_json(settings_json)
+            if not s.ray_address: _loopback_grpc()
+            log_failed_requests(s.log_failed_inputs)   # what it logs of a failed explanation, as the endpoint would
+            ctx = serve.get_replica_context()
+            self.server = ModelServer(s, replica=f"explain-{ctx.replica_id.unique_id if ctx else 'local'}")
+            self.server.endpoint.limiter = CountedElsewhere()   # the endpoint that took the request counted it
+            threading.Thread(target=self._poll, args=(s.registry_poll_s,), name='nbprod-registry-poll', daemon=True).start()
+
+        def __del__(self): self.server.close()
+
+        def _poll(self, every:float):
+            while True:                              # the same versions as the endpoint, within registry_poll_s
+                time.sleep(every)
+                for change in self.server.refresh(): log.warning("now explaining %s", change)
+
+        async def explain(self, name:str, body:bytes, authorization:str|None, rid:str, client_id:str|None):
+            return await self.server.endpoint.explain_answer(name, body, authorization, rid, client_id)
+
+    _EXPLAINER.append(NbprodExplainer)
+    return NbprodExplainer
+
 def serve_app(settings:Settings):
     "The project's Ray Serve application: the deployment bound to its settings (`serve run apps.serve:app` runs it)."
     from ray import serve
@@ -336,12 +370,20 @@ def serve_app(settings:Settings):
             'target_ongoing_requests': settings.target_ongoing_requests,
             'upscale_delay_s': settings.upscale_delay_s, 'downscale_delay_s': settings.downscale_delay_s})
     else: replicas = dict(num_replicas=settings.serve_replicas)
+    # explanations in a process of their own, so that they never hold the interpreter lock predictions need; no CPU of
+    # the cluster's reserved for it (the operating system shares them), at most as many at once as it takes before a 503
+    from nbprod.api import EXPLAIN_QUEUE
+    explainer = (serve.deployment(name='nbprod-explain')(explainer_class())
+                 .options(num_replicas=1, ray_actor_options={'num_cpus': 0},
+                          max_ongoing_requests=settings.explain_threads * (1 + EXPLAIN_QUEUE) + 1, max_queued_requests=settings.max_queued_requests,
+                          logging_config={'enable_access_log': False})
+                 .bind(settings_to_json(settings)))
     return (serve.deployment(name='nbprod')(server_class())
             .options(**replicas, max_ongoing_requests=settings.max_ongoing_requests,
                      max_queued_requests=settings.max_queued_requests,   # beyond them: 503 with Retry-After, not a timeout
                      backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
                      logging_config={'enable_access_log': False})   # a log line per request costs throughput; the audit log has them all
-            .bind(settings_to_json(settings)))
+            .bind(settings_to_json(settings), explainer))
 
 # %% ../nbs/20_serving.ipynb #4ab23c3a
 def load_served(name:str, alias:str|None=None, settings:Settings|None=None) -> tuple[object, str]:

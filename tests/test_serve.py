@@ -238,8 +238,11 @@ def test_generated_app_and_serve_build(served):
     assert r.returncode == 0, r.stdout + r.stderr
     [app] = yaml.safe_load((p.root/'serve_config.yaml').read_text())['applications']
     assert app['import_path'] == 'apps.serve:app' and app['runtime_env']['env_vars']['NBPROD_PROFILE'] == 'DEFAULT'
-    assert app['deployments'][0]['max_queued_requests'] == 256
-    assert app['deployments'][0]['backpressure_config'] == {'status_code': 503, 'retry_after_s': 1.0}   # overload: 503 + Retry-After
+    deployments = {d['name']: d for d in app['deployments']}
+    assert set(deployments) == {'nbprod', 'nbprod-explain'}, deployments          # the endpoint, and its explanations' own process
+    assert deployments['nbprod']['max_queued_requests'] == 256
+    assert deployments['nbprod']['backpressure_config'] == {'status_code': 503, 'retry_after_s': 1.0}   # overload: 503 + Retry-After
+    assert deployments['nbprod-explain']['ray_actor_options']['num_cpus'] == 0
 
 
 def test_keys_reach_the_running_replicas_without_a_restart(served):

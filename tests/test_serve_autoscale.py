@@ -7,12 +7,13 @@ from sleepy import register
 
 
 def replicas(proc):
-    "The Serve replicas `proc` (nbprod serve) started."
+    "The Serve replicas of the endpoint `proc` (nbprod serve) started (not its explanations' process: one, never scaled)."
     import psutil
     out = []
     for c in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if 'ServeReplica' in ' '.join(c.cmdline()): out.append(c.pid)
+            cmd = ' '.join(c.cmdline())
+            if 'ServeReplica' in cmd and 'nbprod-explain' not in cmd: out.append(c.pid)
         except psutil.Error: pass
     return out
 

@@ -110,7 +110,7 @@ def _replica_pids(proc):
     for c in psutil.Process(proc.pid).children(recursive=True):   # only processes this test started
         try: cmd = ' '.join(c.cmdline())
         except psutil.Error: continue
-        if 'ServeReplica' in cmd and 'nbprod' in cmd: found[c.pid] = c
+        if 'ServeReplica' in cmd and 'nbprod' in cmd and 'nbprod-explain' not in cmd: found[c.pid] = c   # the endpoint's, not the explanations' process
     return found
 
 
