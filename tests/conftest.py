@@ -17,6 +17,18 @@ RUN_MARK, TREE_MARK = 'PYTEST_NBPROD_RUN', 'PYTEST_NBPROD_TREE'
 os.environ[RUN_MARK] = uuid.uuid4().hex
 
 
+def _ignore_sigint():
+    "In a child before it runs the command: SIGINT ignored, as a non-interactive shell leaves it for a background job (Python then keeps it ignored)."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def sigint_ignored(pid: int) -> bool:
+    "Whether process `pid` ignores SIGINT now (from its SigIgn mask)."
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('SigIgn:'): return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
 class Project:
     "A throw-away nbprod project in a git repository, with helpers to write notebooks and run the CLI."
     def __init__(self, root: Path):
@@ -43,11 +55,11 @@ class Project:
         return subprocess.run([NBPROD, *map(str, args)], cwd=self.root, capture_output=True, text=True,
                               env=env or self.env(), timeout=timeout)
 
-    def popen(self, *args, env=None):
-        "Start `nbprod ARGS` in the project; its processes (Ray's, HAProxy) carry a marker `end_tree(proc)` finds them by."
+    def popen(self, *args, env=None, ignore_sigint=False):
+        "Start `nbprod ARGS` in the project (`ignore_sigint`: as a background job of a script or `nohup` starts it, SIGINT ignored); its processes (Ray's, HAProxy) carry a marker `end_tree(proc)` finds them by."
         tree = uuid.uuid4().hex
         proc = subprocess.Popen([NBPROD, *map(str, args)], cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env={**(env or self.env()), TREE_MARK: tree})
+                                text=True, env={**(env or self.env()), TREE_MARK: tree}, preexec_fn=_ignore_sigint if ignore_sigint else None)
         proc.tree_mark = tree
         return proc
 

@@ -165,13 +165,16 @@ def test_cli_refuses_an_open_dashboard_without_a_login(store):
     assert not (store.store/'dashboard'/'dashboard.json').exists()
 
 
-def test_cli_serves_until_sigterm(store):
+@pytest.mark.parametrize('sig, ignored', [(signal.SIGTERM, False), (signal.SIGINT, True)])   # Ctrl-C to one started with SIGINT ignored (nohup, a script's background job)
+def test_cli_serves_until_sigterm_or_ctrl_c(store, sig, ignored):
     import threading
+    from conftest import _ignore_sigint, sigint_ignored
     from nbprod.serving import free_port
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith('NBPROD_')}
     p = subprocess.Popen([str(Path(sys.executable).parent/'nbprod'), 'dashboard', '--port', str(port)], cwd=store.root,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, 'COLUMNS': '200'})
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, 'COLUMNS': '200'},
+                         preexec_fn=_ignore_sigint if ignored else None)
     lines, ready = [], threading.Event()
     def read():
         for line in p.stdout:
@@ -184,7 +187,8 @@ def test_cli_serves_until_sigterm(store):
         assert f"on http://127.0.0.1:{port}" in ''.join(lines)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as r: assert r.read() == b'ok'
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r: assert b'<div id="root">' in r.read()
-        p.send_signal(signal.SIGTERM)
+        assert not sigint_ignored(p.pid)
+        p.send_signal(sig)
         assert p.wait(30) == 0, p.stderr.read()
         reader.join(10)
         assert 'stopping...' in p.stderr.read()

@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import pid_alive
+from conftest import pid_alive, sigint_ignored
 from nbprod.store import notebook_hash
 
 PARAMS = "n = 3  # how many\nrate = 0.5\nname = 'x'\nflag = False"
@@ -145,14 +145,14 @@ def test_cell_over_timeout_is_recorded(project):
     assert run.info.end_time - run.info.start_time < 45_000
 
 
-def _start_sleeper(project):
+def _start_sleeper(project, ignore_sigint=False):
     "Start `nbprod run` on a notebook that writes its kernel's pid, then sleeps; return (process, kernel pid)."
     project.notebook('sleep', "t = 120", "import os; open('work.path', 'w').write(os.path.dirname(os.environ['NBPROD_RUN_FILE']))\n"
                      "from nbprod import track; track.log_metric('epoch_loss', 0.5, step=1); track.log_param('rows', 10)\n"
                      "print('started'); open('kernel.pid', 'w').write(str(os.getpid()))",
                      "import time; time.sleep(t)", "print('woke')")
     marker = project.root/'nbs'/'kernel.pid'
-    proc = project.popen('run', 'nbs/sleep.ipynb')
+    proc = project.popen('run', 'nbs/sleep.ipynb', ignore_sigint=ignore_sigint)
     deadline = time.time() + 90
     while not (marker.exists() and marker.read_text()) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -163,9 +163,11 @@ def _start_sleeper(project):
     return proc, int(marker.read_text())
 
 
-@pytest.mark.parametrize('sig,name', [(signal.SIGINT, 'Ctrl-C'), (signal.SIGTERM, 'SIGTERM')])
-def test_interrupt_ends_killed_with_notebook_stored(project, sig, name):
-    proc, kernel_pid = _start_sleeper(project)
+@pytest.mark.parametrize('sig,name,ignored', [(signal.SIGINT, 'Ctrl-C', False), (signal.SIGTERM, 'SIGTERM', False),
+                                               (signal.SIGINT, 'Ctrl-C', True)])   # started as a script's background job: SIGINT ignored
+def test_interrupt_ends_killed_with_notebook_stored(project, sig, name, ignored):
+    proc, kernel_pid = _start_sleeper(project, ignore_sigint=ignored)
+    assert not sigint_ignored(proc.pid)        # nbprod listens for Ctrl-C even when it was started with SIGINT ignored
     deadline = time.time() + 20   # the kernel's metrics reach the run while it runs
     while not (run := project.runs()[0]).data.metrics and time.time() < deadline: time.sleep(0.2)
     assert run.info.status == 'RUNNING' and run.data.metrics == {'epoch_loss': 0.5} and run.data.params == {'rows': '10'}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project, call, cmdline, free_port, listening, stop_server, tree, wait_ready
+from conftest import Project, call, cmdline, free_port, listening, sigint_ignored, stop_server, tree, wait_ready
 
 
 def _project(root: Path, name: str, model: str, factor: int):
@@ -35,10 +35,11 @@ def _project(root: Path, name: str, model: str, factor: int):
 
 
 class Served:
-    def __init__(self, p, port, key, model, factor):
+    def __init__(self, p, port, key, model, factor, ignore_sigint=False):
         self.p, self.port, self.key, self.model, self.factor = p, port, key, model, factor
         self.url = f'http://127.0.0.1:{port}'
-        self.proc = p.popen('serve')
+        self.ignore_sigint = ignore_sigint
+        self.proc = p.popen('serve', ignore_sigint=ignore_sigint)
         self.out, self.err = [], []   # read as it comes, so that a full pipe never blocks the server
         self.readers = [threading.Thread(target=lambda f=f, into=into: into.extend(f), daemon=True)
                         for f, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
@@ -54,7 +55,7 @@ def two(tmp_path_factory):
     base = tmp_path_factory.mktemp('iso')
     a = _project(base/'alpha', 'alpha', 'bikes', 1)
     b = _project(base/'beta', 'beta', 'taxis', 2)
-    servers = [Served(*a, 'bikes', 1), Served(*b, 'taxis', 2)]
+    servers = [Served(*a, 'bikes', 1, ignore_sigint=True), Served(*b, 'taxis', 2)]   # alpha as a script's background job starts it
     try:
         for s in servers:
             try: wait_ready(s.proc, s.url)
@@ -64,7 +65,7 @@ def two(tmp_path_factory):
         stopped = [stop_server(s.proc) for s in servers]   # Ctrl-C; what is left of a tree that did not stop is ended
         for s in servers:
             for r in s.readers: r.join(10)
-    for s, ok in zip(servers, stopped):
+    for s, ok in zip(servers, stopped):       # each stopped by its Ctrl-C, alpha's too, though it was started with SIGINT ignored
         assert ok and s.proc.returncode == 0 and 'stopping' in ''.join(s.err), s.printed()
 
 
@@ -137,3 +138,9 @@ def test_a_port_in_use_is_refused_before_ray_starts(two):
         assert r.returncode != 0 and "key 'serve_port'" in said and 'address in use' in said, r.stderr
         assert 'NBPROD_SERVE_PORT' in said and '--port' in said and 'Ray' not in said, r.stderr
         assert took < 30, took           # refused at once (the CLI's imports), not after starting Ray
+
+
+def test_a_server_started_with_sigint_ignored_listens_for_ctrl_c(two):
+    "A background job of a non-interactive shell (or nohup) starts with SIGINT ignored, and Python keeps it so: nbprod serve listens all the same (the fixture's Ctrl-C stops it)."
+    alpha, beta = two
+    assert alpha.ignore_sigint and not sigint_ignored(alpha.proc.pid) and not sigint_ignored(beta.proc.pid)
