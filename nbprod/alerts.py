@@ -13,7 +13,7 @@ from .settings import Settings
 
 # %% auto #0
 __all__ = ['LEVELS', 'Alert', 'drift_alerts', 'performance_alerts', 'stale_alert', 'AlertLog', 'send', 'deliver', 'ModelHealth',
-           'CheckResult', 'webhook_url', 'check_model', 'check', 'retrain_on_breach']
+           'CheckResult', 'webhook_url', 'performance_health', 'check_model', 'check', 'retrain_on_breach']
 
 # %% ../nbs/28_alerts.ipynb #221df996
 LEVELS = {'ok': 0, 'warning': 1, 'breach': 2}
@@ -168,7 +168,7 @@ class ModelHealth:
     model: str
     level: str = 'ok'
     drift: str|None = None            # the latest window's overall drift status
-    performance: str|None = None      # the latest window's worst performance status
+    performance: str|None = None      # the latest measured window's worst status; 'warning' when watched but not measured; 'not measured' when nothing says labels come
     stale: bool = False
     window: str|None = None
     notes: list = field(default_factory=list)
@@ -199,6 +199,25 @@ def webhook_url(settings:Settings) -> str|None:
 def _worst(statuses) -> str:
     return max(statuses, key=LEVELS.get, default='ok')
 
+def performance_health(perf:pd.DataFrame, p, now:float, window_s:int) -> tuple[str, str|None]:
+    "`(status, note)` of a performance table (`nbprod.monitor.performance_report`) at `now`: the worst status of the latest window measured (`min_labels` labels) in the last `p.period_h` hours; `warning`, with why, when none was: never `ok` unmeasured."
+    period = p.period_h * 3600
+    if not perf.empty:
+        starts = perf.window.map(lambda w: pd.Timestamp(w).timestamp())
+        perf = perf[(starts + window_s > now - period) & (starts <= now)]
+    measured = perf[perf.status.isin(['ok', 'warning', 'breach'])]
+    if not measured.empty: return _worst(measured[measured.window == measured.window.max()].status), None
+    labels = int(perf['labels'].sum()) if len(perf) else 0
+    send = "send labels with POST /v1/feedback or nbprod monitor labels"
+    if len(perf) and (full := perf[perf['labels'] >= p.min_labels]).shape[0]:   # enough labels, but the metric is not a number (AUC of one class)
+        r = full.iloc[-1]
+        return 'warning', (f"performance not measured: {r.metric} cannot be computed on the {r.labels} labels of version {r.version} in the window from "
+                           f"{_iso(r.window)} (AUC needs labels of both classes)")
+    most = int(perf['labels'].max()) if len(perf) else 0
+    return 'warning', (f"performance not measured: {labels:,} label{'' if labels == 1 else 's'} in the last {p.period_h} h"
+                       + (f" (at most {most:,} in one window and version)" if most != labels else '')
+                       + f", fewer than min_labels = {p.min_labels}; {send}")
+
 def check_model(settings:Settings, model:str, now:float) -> tuple[ModelHealth, list[Alert]]:
     "The health of one served model and every alert its monitoring finds."
     from nbprod.monitor import drift_report, monitor_spec, performance_report
@@ -219,17 +238,28 @@ def check_model(settings:Settings, model:str, now:float) -> tuple[ModelHealth, l
         try:
             _,perf = performance_report(settings, model)
             alerts += performance_alerts(model, perf)
-            if not perf.empty: h.performance = _worst(perf[perf.window == perf.window.max()].status.replace('unknown', 'ok'))
+            h.performance,note = performance_health(perf, spec.performance, now, settings.profile_window_s)
+            if note: h.notes.append(note)
         except NbprodError as e:   # watched but not measurable (labels that are not numbers, no baseline): never 'ok'
             h.notes.append(f"performance not measured: {e.message}" + (f" ({e.hint})" if e.hint else ''))
             h.performance = 'warning'
         except Exception as e: h.notes.append(f"performance not measured: {type(e).__name__}: {e}"); h.error = True
+    elif not spec.no_labels:   # nothing says how to measure performance, nor that no labels will come: not measured is not ok
+        from nbprod.feedback import read_labels
+        n = len(read_labels(settings.store, model))
+        table = f"[tool.nbprod.monitor.models.{model}]"
+        h.performance = 'warning' if n else 'not measured'
+        h.notes.append(f"performance not measured: {n:,} labels received, and {table} has no performance table to measure them with; "
+                       'add performance = {metric = "mae", baseline = "val_mae"} (a metric the training run logs)' if n else
+                       f"performance not measured: no labels, and {table} has no performance table; add performance = "
+                       '{metric = "mae", baseline = "val_mae"} and send labels with POST /v1/feedback or nbprod monitor labels, '
+                       "or say performance = false when no labels will ever come")
     stale_after = settings.stale_after_s if settings.profile_traffic else 0   # no profiles by choice: nothing to be stale
     if (s := stale_alert(model, latest_traffic(settings.store/'profiles', model), now, stale_after)) is not None:
         alerts.append(s)
         h.stale = True
     drift_level = {'DRIFT': 'breach', 'POSSIBLE_DRIFT': 'warning'}.get(h.drift, 'ok')
-    h.level = _worst([drift_level, h.performance or 'ok', 'breach' if h.stale else 'ok'])
+    h.level = _worst([drift_level, 'warning' if h.performance == 'not measured' else h.performance or 'ok', 'breach' if h.stale else 'ok'])
     return h, alerts
 
 def check(settings:Settings, models:list[str]|None=None, now:float|None=None, on_step=None) -> CheckResult:

@@ -732,7 +732,8 @@ def monitor_drift(model: Annotated[str, typer.Argument(help="A served model's na
     out.print(t, highlight=False)
 
 # %% ../nbs/10_cli.ipynb #8d569842
-_LEVEL_CELL = {'ok': '[green]ok[/green]', 'warning': '[yellow]warning[/yellow]', 'breach': '[bold red]breach[/bold red]', 'unknown': '[dim]unknown[/dim]'}
+_LEVEL_CELL = {'ok': '[green]ok[/green]', 'warning': '[yellow]warning[/yellow]', 'breach': '[bold red]breach[/bold red]', 'unknown': '[dim]unknown[/dim]',
+               'not measured': '[yellow]not measured[/yellow]'}
 
 @monitor_app.command('check', epilog="[dim]nbprod monitor check || notify-someone   # cron: exit 0 healthy, 1 warning, 2 breach[/dim]")
 def monitor_check(models: Annotated[Optional[list[str]], typer.Argument(help="Served models to check (default: all).", show_default=False)] = None,
@@ -786,13 +787,15 @@ def monitor_labels(file: Annotated[Path, typer.Argument(help="CSV or Parquet: re
                    profile: ProfileOpt = None):
     "Store labels (the truth, once known) of answered predictions from a file, joined to them by request id; exit 1 when rows were refused."
     from nbprod.feedback import join_labels, load_labels
+    from nbprod.monitor import served_label_rule
     from nbprod.serving import serve_specs
     from nbprod.settings import load_settings
     try:
         s = load_settings(profile=profile)
         served = [x.name for x in serve_specs(s)]
         if model not in served: raise NbprodError(f"no served model {model!r}", hint=f"served: {', '.join(served)}")
-        got = load_labels(s.store, model, file, id_column, label_column, replace=replace)
+        rule = served_label_rule(s, model)   # the champion's: a number for a regressor, a known class for a classifier, as POST /v1/feedback checks
+        got = load_labels(s.store, model, file, id_column, label_column, replace=replace, rule=rule)
         j = join_labels(s.store, model)
     except NbprodError as e: _fail(e)
     out.print(f"stored {got.stored:,} labels for {model} ({got.replaced:,} replacing a label); {len(j.frame):,} of {j.predictions:,} answered "

@@ -12,14 +12,15 @@ import pandas as pd
 from .errors import ConfigError, NbprodError, RequestError
 
 # %% auto #0
-__all__ = ['MAX_LABELS', 'MAX_LABEL_CHARS', 'METRICS', 'Feedback', 'parse_feedback', 'label_log', 'read_labels', 'RecordTail',
-           'AnswerIndex', 'LabelIndex', 'LabelRule', 'label_rule', 'screen', 'LabelLoad', 'load_labels', 'LabelJoin',
-           'current_labels', 'join_labels', 'score', 'judge', 'performance']
+__all__ = ['MAX_LABELS', 'MAX_LABEL_CHARS', 'MAX_LABEL_NUMBER', 'METRICS', 'Feedback', 'parse_feedback', 'label_log',
+           'read_labels', 'RecordTail', 'AnswerIndex', 'LabelIndex', 'LabelRule', 'label_rule', 'screen', 'LabelLoad',
+           'load_labels', 'LabelJoin', 'current_labels', 'join_labels', 'score', 'judge', 'performance']
 
 # %% ../nbs/27_feedback.ipynb #0042f6c4
 _ID = re.compile(r'^[A-Za-z0-9._:-]{1,128}$')   # the request ids an endpoint answers with (nbprod.api.request_id)
 MAX_LABELS = 1_000
 MAX_LABEL_CHARS = 256
+MAX_LABEL_NUMBER = 1e15        # a regression label's magnitude at most (past 2**53 a float cannot even count one by one): 1e300 would swamp any mean
 
 @dataclass
 class Feedback:
@@ -33,6 +34,7 @@ class Feedback:
 def _label_value(v) -> str|None:
     "Why `v` cannot be a label, or None."
     if isinstance(v, bool): return None
+    if isinstance(v, int) and abs(v) >= 2**1024: return f"an integer of {len(str(abs(v))):,} digits is not a finite number"   # past a float: math.isfinite would overflow
     if isinstance(v, (int, float)): return None if math.isfinite(v) else f"{v} is not a finite number"
     if isinstance(v, str):
         if not v.strip(): return "an empty string"
@@ -160,7 +162,7 @@ def _same(v):
 
 @dataclass(frozen=True)
 class LabelRule:
-    "What the labels of a model must be: `regression` (finite numbers), `classification` (one of `classes`) or `any`."
+    "What the labels of a model must be: `regression` (finite numbers, at most `MAX_LABEL_NUMBER` in magnitude), `classification` (one of `classes`) or `any`."
     task: str = 'any'
     classes: tuple|None = None
 
@@ -168,6 +170,8 @@ class LabelRule:
         "Why `v` (a well-formed label) is not a label of this model, or None."
         if self.task == 'regression' and (isinstance(v, bool) or not isinstance(v, (int, float))):
             return f"this model is a regressor: a label is a number, not {json.dumps(v)[:40]}"
+        if self.task == 'regression' and abs(v) > MAX_LABEL_NUMBER:
+            return f"{v:.4g} is out of range for a label of this regressor: at most {MAX_LABEL_NUMBER:.0e} in magnitude"
         if self.task == 'classification' and _same(v) not in {_same(c) for c in self.classes}:
             shown = ', '.join(map(str, self.classes[:20])) + (', ...' if len(self.classes) > 20 else '')
             return f"{json.dumps(v)[:40]} is not a class this classifier was trained on: {shown}"
@@ -215,6 +219,13 @@ class LabelLoad:
     replaced: int
     refused: list
 
+def _csv_cell(v):
+    "A CSV cell as the number it reads as (`'12'`, `'1e300'`, `'inf'`), else as it is: CSV has no types, and pandas reads a column with one word in it as text."
+    if not isinstance(v, str): return v
+    if re.fullmatch(r'\s*[-+]?\d{1,18}\s*', v): return int(v)
+    try: return float(v)
+    except ValueError: return v
+
 def load_labels(store:Path, model:str, path, id_column:str='request_id', label_column:str='label', index_column:str='index',
                 replace:bool=False, rule:LabelRule=LabelRule()) -> LabelLoad:
     "Append the labels of a CSV or Parquet file (request id, label, optionally index columns) that pass `screen`; each other row is refused with its reason."
@@ -226,7 +237,9 @@ def load_labels(store:Path, model:str, path, id_column:str='request_id', label_c
     if missing: raise NbprodError(f"{path.name} has no column {', '.join(map(repr, missing))}", hint=f"its columns: {', '.join(map(str, df.columns))}; name others with --id-column/--label-column")
     if df.empty: raise NbprodError(f"{path.name} has no rows")
     idx = df[index_column] if index_column in df else pd.Series(0, index=df.index)
-    records = [{'request_id': None if pd.isna(r) else str(r), 'index': i, 'label': l} for r,i,l in zip(df[id_column], idx.tolist(), df[label_column].tolist())]
+    labels = df[label_column].tolist()
+    if path.suffix.lower() not in ('.parquet', '.pq'): labels = [_csv_cell(v) for v in labels]   # a text column (one cell was text): its numbers are numbers
+    records = [{'request_id': None if pd.isna(r) else str(r), 'index': i, 'label': l} for r,i,l in zip(df[id_column], idx.tolist(), labels)]
     body = json.dumps({'model': model, 'labels': records, 'replace': replace}, allow_nan=True,
                       default=lambda v: v.item() if hasattr(v, 'item') else str(v)).encode()
     fb = parse_feedback(body, max_labels=len(records))   # the same rules as the endpoint's

@@ -14,7 +14,7 @@ from .settings import Settings
 
 # %% auto #0
 __all__ = ['MONITOR_KEYS', 'Performance', 'MonitorSpec', 'monitor_spec', 'reference', 'drift_windows', 'drift_report', 'baseline',
-           'performance_report', 'drift_matrix']
+           'performance_report', 'served_label_rule', 'drift_matrix']
 
 # %% ../nbs/25_monitor.ipynb #af03bc45
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Performance:
     warn: float = 0.1
     breach: float = 0.25
     min_labels: int = 30
+    period_h: int = 24        # a window of the last `period_h` hours must have `min_labels` labels, or performance is not measured (a warning)
 
 @dataclass(frozen=True)
 class MonitorSpec:
@@ -35,13 +36,15 @@ class MonitorSpec:
     rules: dict = field(default_factory=dict)
     performance: Performance|None = None
     min_rows: int = 100
+    no_labels: bool = False   # `performance = false`: no labels will come, so performance is not watched (and its absence is no warning)
 
 MONITOR_KEYS = {'features': "a list of column names (default: every column both profiles have)",
                 'default': "a drift rule: {algorithm = \"auto|ks|chi2|hellinger\", warn = N, drift = N}",
                 'drift': "a table of drift rules per feature: drift.FEATURE = {algorithm = ..., warn = N, drift = N}",
                 'min_rows': "an integer >= 1: windows with fewer rows are not tested for drift (default 100)",
                 'retrain': "a table, [tool.nbprod.monitor.models.NAME.retrain] (checked by nbprod.retrain)",
-                'performance': "{metric = \"mae|rmse|accuracy|auc\", baseline = \"a metric of the champion's run\" or a number, warn = 0.1, breach = 0.25, min_labels = 30}"}
+                'performance': "{metric = \"mae|rmse|accuracy|auc\", baseline = \"a metric of the champion's run\" or a number, warn = 0.1, breach = 0.25, min_labels = 30, period_h = 24}, "
+                               "or false when no labels will ever come"}
 
 def _performance(t, file, section) -> Performance:
     from nbprod.feedback import METRICS
@@ -58,8 +61,9 @@ def _performance(t, file, section) -> Performance:
         v = t.get(k, getattr(Performance, k))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0: raise bad(k, "a fraction >= 0 (0.1 is 10% worse than the baseline)")
     if t.get('warn', Performance.warn) > t.get('breach', Performance.breach): raise bad('warn', "warn is above breach")
-    n = t.get('min_labels', Performance.min_labels)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise bad('min_labels', "an integer >= 1")
+    for k in ('min_labels', 'period_h'):
+        n = t.get(k, getattr(Performance, k))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise bad(k, "an integer >= 1")
     return Performance(**t)
 
 def _rule(value, file, section, key) -> DriftRule:
@@ -95,11 +99,12 @@ def monitor_spec(settings:Settings, name:str) -> MonitorSpec:
     default = _rule(t['default'], file, sec, 'default') if 'default' in t else DriftRule()
     rules = t.get('drift', {})
     if not isinstance(rules, dict): raise ConfigError("bad value for drift", file=file, section=sec, key='drift', value=rules, allowed=MONITOR_KEYS['drift'])
-    perf = _performance(t['performance'], file, sec) if 'performance' in t else None
+    off = t.get('performance') is False
+    perf = _performance(t['performance'], file, sec) if 'performance' in t and not off else None
     mr = t.get('min_rows', 100)
     if isinstance(mr, bool) or not isinstance(mr, int) or mr < 1:
         raise ConfigError("bad value for min_rows", file=file, section=sec, key='min_rows', value=mr, allowed=MONITOR_KEYS['min_rows'])
-    return MonitorSpec(name, tuple(feats), default, {f: _rule(r, file, sec, f"drift.{f}") for f,r in rules.items()}, perf, mr)
+    return MonitorSpec(name, tuple(feats), default, {f: _rule(r, file, sec, f"drift.{f}") for f,r in rules.items()}, perf, mr, off)
 
 # %% ../nbs/25_monitor.ipynb #400c3859
 def reference(settings:Settings, model:str, version:str|None=None) -> tuple[str, Profile]:
@@ -171,6 +176,12 @@ def performance_report(settings:Settings, model:str, last:int|None=None):
     table = performance(joined.frame, settings.profile_window_s, p.metric, baseline(settings, model, p), p.warn, p.breach, p.min_labels)
     if last: table = table[table.window.isin(sorted(table.window.unique())[-last:])]
     return joined, table.reset_index(drop=True)
+
+def served_label_rule(settings:Settings, model:str):
+    "The `nbprod.feedback.LabelRule` of served model `model`'s champion, loaded as the endpoint loads it: what `POST /v1/feedback` checks each label against."
+    from nbprod.feedback import label_rule
+    from nbprod.serving import load_served
+    return label_rule(load_served(model, settings=settings)[0])
 
 def drift_matrix(table:pd.DataFrame, value:str='status') -> pd.DataFrame:
     "The feature × window view of a drift table (`value`: status, statistic or pvalue)."

@@ -121,8 +121,37 @@ def traffic(p, clock, window, n=300, shift=0.0, seed=0):
     rep.flush()
 
 
+def health(r) -> list:
+    "The bikes row of `nbprod monitor check`'s table: now, drift, performance, traffic (the window's date and time left out)."
+    [row] = [line.replace('not measured', 'not_measured').split() for line in r.stdout.splitlines() if line.split()[:1] == ['bikes']]
+    return [c.replace('_', ' ') for c in [row[1], *row[-3:]]]
+
+
+def test_labels_from_a_file_are_screened_like_the_endpoints(trained, tmp_path):
+    "The attack of issue 18 through `nbprod monitor labels`: for the regressor `bikes`, a word, 1e300, inf, -Infinity and a made-up id are refused with reasons; only the good rows are stored."
+    from nbprod.audit import AuditLog
+    from nbprod.feedback import read_labels
+    p = trained
+    audit = AuditLog(p.settings().store/'audit', 'bikes', replica='labels-test')
+    audit.write_sync([{'request_id': f'lab{i}', 'index': 0, 'version': '1', 'variant': 'champion', 'inputs': {'temp': 15.0}, 'outputs': 150.0} for i in range(6)])
+    audit.close()
+    (tmp_path/'poison.csv').write_text('request_id,label\nlab0,151.5\nlab1,lots\nlab2,1e300\nlab3,inf\nmade-up-1,150\nlab4,149\nlab5,-Infinity\n')
+    r = p.cli('monitor', 'labels', tmp_path/'poison.csv', '--model', 'bikes')
+    err = ' '.join(r.stderr.split())
+    assert r.returncode == 1 and 'stored 2 labels for bikes' in r.stdout, r.stdout + r.stderr
+    for text in ('row 1 refused: label: this model is a regressor: a label is a number, not "lots"',
+                 'row 2 refused: label: 1e+300 is out of range for a label of this regressor: at most 1e+15 in magnitude',
+                 'row 3 refused: label: inf is not a finite number', 'row 4 refused: request_id: no prediction with this request id',
+                 'row 6 refused: label: -inf is not a finite number', '5 rows refused'):
+        assert text in err, (text, err)
+    labels = read_labels(p.settings().store, 'bikes')
+    mine = labels[labels.request_id.str.startswith('lab') | (labels.request_id == 'made-up-1')]
+    assert sorted(zip(mine.request_id, mine.label)) == [('lab0', 151.5), ('lab4', 149)], mine
+    assert all(isinstance(v, (int, float)) for v in mine.label)            # numbers, not the CSV's text
+
+
 def test_check_alerts_webhook_labels_and_exit_codes(tmp_path_factory, tmp_path):
-    "Healthy (0); a performance warning from late labels (1); drift (2) sent to a webhook that fails first; stale (2)."
+    "Performance not measured (1, never ok); a performance warning from late labels (1); drift (2) sent to a webhook that fails first; stale (2)."
     import os, threading, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from nbprod.audit import AuditLog
@@ -147,25 +176,51 @@ def test_check_alerts_webhook_labels_and_exit_codes(tmp_path_factory, tmp_path):
         clock = Clock(start)
         clock.start = start
         for w in range(2): traffic(p, clock, w, seed=w)
+        # performance is watched (min_labels = 5) and no label came: not measured is a warning with the reason, never ok, and no alert
         r = check()
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert 'flowing' in r.stdout and 'new alert' not in r.stdout and got == []
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert health(r) == ['warning', 'ok', 'warning', 'flowing'], r.stdout
+        assert 'bikes: performance not measured: 0 labels in the last 24 h, fewer than min_labels = 5; send labels with POST /v1/feedback or nbprod monitor labels' \
+            in ' '.join(r.stderr.split()), r.stderr
+        assert 'new alert' not in r.stdout and got == []
 
-        # predictions of the latest window, labelled late: MAE 2.3 against a baseline of 2.0, 15% worse: a warning
+        # nothing says how performance is measured: 'not measured', a warning; `performance = false` (no labels will come): healthy
+        toml = (p.root/'pyproject.toml').read_text()
+        line = 'performance = {metric = "mae", baseline = "val_mae", warn = 0.1, breach = 0.25, min_labels = 5}'
+        (p.root/'pyproject.toml').write_text(toml.replace(line, ''))
+        r = check()
+        assert r.returncode == 1 and health(r) == ['warning', 'ok', 'not measured', 'flowing'], r.stdout + r.stderr
+        assert 'performance not measured: no labels, and [tool.nbprod.monitor.models.bikes] has no performance table' in ' '.join(r.stderr.split()), r.stderr
+        (p.root/'pyproject.toml').write_text(toml.replace(line, 'performance = false'))
+        r = check()
+        assert r.returncode == 0 and health(r) == ['ok', 'ok', '-', 'flowing'] and 'not measured' not in r.stderr, r.stdout + r.stderr
+        (p.root/'pyproject.toml').write_text(toml)
+
+        # predictions of the latest window; three of them labelled: fewer than min_labels, still a warning with how many
         audit = AuditLog(p.settings().store/'audit', 'bikes', clock=clock)
         audit.write_sync([{'request_id': f'q{i}', 'index': 0, 'version': '1', 'variant': 'champion', 'inputs': {'temp': 15.0},
-                           'outputs': 150.0 + i} for i in range(20)])
+                           'outputs': 150.0 + i} for i in range(20)] +
+                         [{'request_id': f'e{i}', 'index': 0, 'version': '1', 'variant': 'champion', 'inputs': {'temp': 15.0}, 'outputs': 150.0} for i in range(3)])
         audit.close()
+        pd.DataFrame({'request_id': ['e0', 'e1', 'e2'], 'label': [152.3] * 3}).to_csv(tmp_path/'early.csv', index=False)
+        r = p.cli('monitor', 'labels', tmp_path/'early.csv', '--model', 'bikes')
+        assert r.returncode == 0 and 'stored 3 labels' in r.stdout, r.stdout + r.stderr
+        r = check()
+        assert r.returncode == 1 and health(r) == ['warning', 'ok', 'warning', 'flowing'], r.stdout + r.stderr
+        assert 'performance not measured: 3 labels in the last 24 h, fewer than min_labels = 5' in ' '.join(r.stderr.split()), r.stderr
+        assert 'new alert' not in r.stdout and got == []
+
+        # the rest labelled late: MAE 2.3 against a baseline of 2.0, 15% worse: a warning, measured
         pd.DataFrame({'request_id': [f'q{i}' for i in range(20)] + ['nobody'], 'label': [152.3 + i for i in range(20)] + [1.0]}).to_csv(tmp_path/'truth.csv', index=False)
         r = p.cli('monitor', 'labels', tmp_path/'truth.csv', '--model', 'bikes')   # one row names a request nobody made: refused, the rest stored
-        assert r.returncode == 1 and 'stored 20 labels' in r.stdout and '20 of 20 answered predictions now have one' in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 1 and 'stored 20 labels' in r.stdout and '23 of 23 answered predictions now have one' in r.stdout, r.stdout + r.stderr
         assert 'row 20 refused: request_id: no prediction with this request id' in r.stderr and '1 rows refused' in r.stderr, r.stderr
         r = p.cli('monitor', 'labels', tmp_path/'truth.csv', '--model', 'bikes')   # again: the first labels stand
         assert r.returncode == 1 and 'stored 0 labels' in r.stdout and 'the first label stands' in r.stderr, r.stdout + r.stderr
         r = p.cli('monitor', 'performance', 'bikes')
         assert r.returncode == 0 and 'mae against a baseline of 2' in r.stdout and '2.3' in r.stdout and 'warning' in r.stdout, r.stdout + r.stderr
         r = check()
-        assert r.returncode == 1, r.stdout + r.stderr
+        assert r.returncode == 1 and health(r) == ['warning', 'ok', 'warning', 'flowing'] and 'not measured' not in r.stderr, r.stdout + r.stderr
         assert 'new alert warning mae 2.3 against a baseline of 2' in ' '.join(r.stdout.split()), r.stdout
         assert [(a['kind'], a['level']) for a in got] == [('performance', 'warning')]
 
