@@ -482,6 +482,16 @@ def browser_guard(headers):
         raise RequestError("a request from another site's page is refused (its Origin is not this endpoint)", status=403,
                            hint="call the endpoint from your server, not from a browser page of another site")
 
+_HEALTHZ = '/healthz'
+
+def _wrong_host(host:str|None, hosts:frozenset, shown:str) -> RequestError|None:
+    "The 421 of a request whose `Host` is not one of `hosts` (a page on another site, through DNS rebinding), else None."
+    h = (host or '').strip().lower()
+    if h in hosts: return None
+    seen = repr(h[:100]) if h else 'none'
+    return RequestError(f"this endpoint does not answer for Host {seen}: it answers for {shown}", status=421,
+                        hint="to reach it under another name (a load balancer's, a reverse proxy's), add that name to serve_public_hosts in settings.ini")
+
 def log_failed_requests(log_failed_inputs:bool=False):
     "Put a `nbprod.secrets.RequestLogFilter` on what logs a request's failure: the loggers `nbprod.api` and `nbprod.windows`, and the handlers of Ray Serve's `ray.serve` (in a replica); one each (a process's last app sets it)."
     f = RequestLogFilter(log_failed_inputs)
@@ -492,7 +502,8 @@ def log_failed_requests(log_failed_inputs:bool=False):
 def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[], bool]|None=None, gather=None,
               publish_docs:bool=False,        # /docs, /redoc and /openapi.json (every model) without a key
               publish_metrics:bool=False,     # /metrics without a key
-              log_failed_inputs:bool=False):  # a failed request's exception messages (they may quote its values) in the log; pii fields never
+              log_failed_inputs:bool=False,   # a failed request's exception messages (they may quote its values) in the log; pii fields never
+              hosts:list[str]|None=None):     # the `Host` headers it answers (`nbprod.serving.serve_hosts`), /healthz any; None: any
     "The FastAPI app serving `endpoint`; `await gather(snapshot)` returns every replica's metrics snapshots (default: this one's only)."
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -500,6 +511,8 @@ def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[],
     from starlette.exceptions import HTTPException
     metrics = Metrics()
     log_failed_requests(log_failed_inputs)
+    names = None if hosts is None else frozenset(h.lower() for h in hosts)
+    shown = '' if hosts is None else ', '.join(hosts)
 
     async def respond(name:str, route:str, headers, read_body) -> tuple[int, bytes, dict]:
         "`(status, JSON body, headers)` of a prediction or explanation request; `headers` answers `.get` with lower-case names."
@@ -529,22 +542,30 @@ def build_app(endpoint:Endpoint, title:str='nbprod endpoint', ready:Callable[[],
         finally:
             if name in endpoint.models: metrics.observe(name, version, variant, code, time.perf_counter() - t0, route)
 
+    async def reply(send, status:int, body:bytes, extra:dict):
+        await send({'type': 'http.response.start', 'status': status,
+                    'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()),
+                                *[(k.lower().encode('latin-1'), str(v).encode('latin-1')) for k,v in extra.items()]]})
+        await send({'type': 'http.response.body', 'body': body})
+
     class App(FastAPI):
         async def __call__(self, scope, receive, send):
-            if scope['type'] == 'http' and scope['method'] == 'POST':
+            if scope['type'] in ('http', 'websocket'):
                 path = scope['path']
                 root = scope.get('root_path') or ''
                 if root and path.startswith(root): path = path[len(root):]
-                m = _FAST_ROUTE.match(path)
-                if m and m[1] in endpoint.models:
+                m = _FAST_ROUTE.match(path) if scope['type'] == 'http' and scope['method'] == 'POST' else None
+                if names is not None and path != _HEALTHZ or m and m[1] in endpoint.models:
                     headers = {k.decode('latin-1'): v.decode('latin-1') for k,v in scope['headers']}
+                if names is not None and path != _HEALTHZ and (wrong := _wrong_host(headers.get('host'), names, shown)):
+                    if scope['type'] == 'websocket':
+                        await receive()                                               # websocket.connect
+                        return await send({'type': 'websocket.close', 'code': 1008})   # before the accept: a 403
+                    return await reply(send, *_error(wrong, request_id(headers.get('x-request-id'))))   # before the body is read: nothing audited
+                if m and m[1] in endpoint.models:
                     try: status,body,extra = await respond(m[1], m[2], headers, lambda: _read_body(receive, endpoint.max_bytes))
                     except ConnectionResetError: return   # nobody to answer
-                    await send({'type': 'http.response.start', 'status': status,
-                                'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()),
-                                            *[(k.lower().encode('latin-1'), str(v).encode('latin-1')) for k,v in extra.items()]]})
-                    await send({'type': 'http.response.body', 'body': body})
-                    return
+                    return await reply(send, status, body, extra)
             await super().__call__(scope, receive, send)
 
     app = App(title=title, description="Predictions from models registered in MLflow, served by nbprod on Ray Serve.",

@@ -13,10 +13,10 @@ from .settings import Settings
 log = logging.getLogger('nbprod.serving')
 
 # %% auto #0
-__all__ = ['log', 'WEIGHT_TAG', 'ModelSpec', 'serve_specs', 'import_function', 'aliases', 'set_traffic', 'load_version',
-           'OneColumn', 'ModelServer', 'predict_batch', 'MetricsBoard', 'metrics_board', 'server_class',
-           'explainer_class', 'serve_app', 'load_served', 'check_before_start', 'port_in_use', 'free_port',
-           'choose_proxy', 'haproxy_files', 'start', 'stop']
+__all__ = ['log', 'WEIGHT_TAG', 'LOCAL_NAMES', 'ModelSpec', 'serve_specs', 'import_function', 'aliases', 'set_traffic',
+           'load_version', 'OneColumn', 'ModelServer', 'predict_batch', 'MetricsBoard', 'metrics_board', 'server_class',
+           'explainer_class', 'serve_app', 'serve_hosts', 'load_served', 'check_before_start', 'port_in_use',
+           'free_port', 'choose_proxy', 'haproxy_files', 'start', 'stop']
 
 # %% ../nbs/20_serving.ipynb #3f65be30
 @dataclass(frozen=True)
@@ -31,11 +31,14 @@ class ModelSpec:
     preprocess: str|None = None
     postprocess: str|None = None
     pii: tuple = ()
+    validate_ranges: str|None = None    # off, warn or refuse a number outside the training range; None: the setting's
 
+_RANGES = ('off', 'warn', 'refuse')
 _MODEL_KEYS = {'registered_model': "the name of a registered model", 'champion': "an alias", 'challenger': "an alias",
                'challenger_weight': "a number from 0 to 1", 'shadow': "true or false",
                'preprocess': "module:function, an exported function", 'postprocess': "module:function, an exported function",
-               'pii': "a list of field names"}
+               'pii': "a list of field names",
+               'validate_ranges': "off, warn or refuse (what a number outside the training range gets; default: the validate_ranges setting)"}
 
 def serve_specs(settings:Settings) -> list[ModelSpec]:
     "The served models of the project, checked: each problem names the table and key."
@@ -69,7 +72,10 @@ def serve_specs(settings:Settings) -> list[ModelSpec]:
         if t.get('shadow') and 'challenger' not in spec: raise bad('shadow', "there is no challenger alias")
         pii = t.get('pii', [])
         if not isinstance(pii, list) or not all(isinstance(p, str) for p in pii): raise bad('pii')
-        out.append(ModelSpec(**spec, challenger_weight=float(w), shadow=t.get('shadow', False), pii=tuple(pii)))
+        ranges = t.get('validate_ranges')
+        if ranges is not None and (not isinstance(ranges, str) or ranges.strip().lower() not in _RANGES): raise bad('validate_ranges')
+        out.append(ModelSpec(**spec, challenger_weight=float(w), shadow=t.get('shadow', False), pii=tuple(pii),
+                             validate_ranges=ranges and ranges.strip().lower()))
     return out
 
 def import_function(ref:str, root:Path|None=None):
@@ -187,7 +193,8 @@ class ModelServer:
         challenger = variants.get(spec.challenger) if spec.challenger else None
         champion.weight = 1 - (weight if challenger is not None and not spec.shadow else 0)
         if challenger is not None: challenger.weight = 0 if spec.shadow else weight
-        validator = RequestValidator(spec.name, champion.fields, self.settings.max_records, self.settings.max_body_bytes)
+        validator = RequestValidator(spec.name, champion.fields, self.settings.max_records, self.settings.max_body_bytes,
+                                     validate_ranges=spec.validate_ranges or self.settings.validate_ranges)
         pre = import_function(spec.preprocess, self.settings.root) if spec.preprocess else None
         post = import_function(spec.postprocess, self.settings.root) if spec.postprocess else None
         self.endpoint.models[spec.name] = ServedModel(   # one assignment: requests see the old entry or the new, never half
@@ -289,7 +296,7 @@ def server_class():
         def __serve_build_asgi_app__(self):
             s = self.server.settings
             app = build_app(self.server.endpoint, title=self.title, gather=self._gather, publish_docs=s.publish_docs, publish_metrics=s.publish_metrics,
-                            log_failed_inputs=s.log_failed_inputs)
+                            log_failed_inputs=s.log_failed_inputs, hosts=serve_hosts(s))
             self.metrics = app.state.metrics
             return app
 
@@ -385,6 +392,18 @@ def serve_app(settings:Settings):
                      logging_config={'enable_access_log': False})   # a log line per request costs throughput; the audit log has them all
             .bind(settings_to_json(settings), explainer))
 
+# %% ../nbs/20_serving.ipynb #5a0e3b21
+LOCAL_NAMES = ('127.0.0.1', 'localhost', '::1')
+_WILDCARDS = ('0.0.0.0', '::')
+
+def serve_hosts(settings:Settings) -> list[str]:
+    "The `Host` headers the endpoints answer: the address they listen on with its port (the loopback names, when that is local or every interface), and `serve_public_hosts`."
+    from nbprod.settings import host_authority, host_names
+    host,port = settings.serve_host.strip().lower().strip('[]'),settings.serve_port
+    out = [host_authority(h, port) for h in (LOCAL_NAMES if host in LOCAL_NAMES or host in _WILDCARDS else (host,))]
+    if port in (80, 443): out += [f"{h}:{port}" for h in out]     # the scheme's port, written out
+    return list(dict.fromkeys(out + host_names(settings.serve_public_hosts, port)))
+
 # %% ../nbs/20_serving.ipynb #4ab23c3a
 def load_served(name:str, alias:str|None=None, settings:Settings|None=None) -> tuple[object, str]:
     "`(model, version)` of served model `name` at `alias` (default: its champion), loaded as the endpoint loads it: for notebooks and apps."
@@ -411,7 +430,11 @@ def check_before_start(settings:Settings) -> list[str]:
         raise NbprodError("no API keys: every request would be refused (401)",
                           hint="create one with `nbprod keys create NAME`, or set open_access = true in settings.ini to serve without keys")
     _check_port(settings)
-    return ["open_access is on: anyone who can reach the endpoint can call it without a key"] if settings.open_access else []
+    warned = ["open_access is on: anyone who can reach the endpoint can call it without a key"] if settings.open_access else []
+    if settings.serve_host.strip('[]') in _WILDCARDS and not settings.serve_public_hosts:
+        warned.append(f"serve_host = {settings.serve_host} listens on every interface, but the endpoints answer only requests for "
+                      f"{', '.join(serve_hosts(settings))}: add the names clients use (this machine's, a load balancer's) to serve_public_hosts")
+    return warned
 
 def port_in_use(host:str, port:int) -> str|None:
     "Why a server could not listen on `host:port` now (`address in use`: another process listens there), or None."

@@ -11,7 +11,8 @@ from urllib.parse import urlparse
 from .errors import ConfigError, ProjectNotFound
 
 # %% auto #0
-__all__ = ['SETTINGS', 'PROJECT_KEYS', 'find_project', 'Project', 'load_project', 'Settings', 'load_settings']
+__all__ = ['SETTINGS', 'PROJECT_KEYS', 'find_project', 'host_authority', 'host_names', 'Project', 'load_project', 'Settings',
+           'load_settings']
 
 # %% ../nbs/01_settings.ipynb #1fc72987
 def _has_nbprod(pyproject:Path) -> bool:
@@ -111,6 +112,30 @@ def _env_name(v):
     if v and not _ENV_NAME.match(v): raise ValueError(v)
     return v
 
+def host_authority(host:str, port:int|None=None) -> str:
+    "`host:port` as a browser or HTTP client writes it in `Host`: lower case, an IPv6 address in brackets, no port for a scheme's default (80, 443)."
+    h = host.strip().lower().strip('[]')
+    h = f"[{h}]" if ':' in h else h
+    return f"{h}:{port}" if port and port not in (80, 443) else h
+
+def host_names(entries:str, port:int|None=None) -> list[str]:
+    "The `Host` values of `entries` (`host`, `host:port` or URLs, comma-separated; a bare host counts with `port` and without); a `ValueError` names an entry that is none of these."
+    from urllib.parse import urlsplit
+    out = []
+    for item in filter(None, (x.strip() for x in entries.split(','))):
+        u = urlsplit(item if '://' in item else f"//{item}")
+        try: given = u.port
+        except ValueError: given = -1
+        if not u.hostname or given == -1 or u.path.strip('/') or u.username is not None or u.query or u.fragment \
+           or not re.match(r'^[a-z0-9._:-]+$', u.hostname):
+            raise ValueError(f"{item!r} is not a host name, host:port or URL")
+        out += [host_authority(u.hostname, given)] + ([] if given or u.scheme else [host_authority(u.hostname, port)])
+    return list(dict.fromkeys(out))
+
+def _public_hosts(v):
+    host_names(v)
+    return v.strip()
+
 def _secret_map(v):
     "Parse `param=ENV_VAR, other=OTHER_VAR` into a dict."
     out = {}
@@ -139,6 +164,7 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'open_access':   ('false', _bool, "true or false (true: endpoints answer without an API key)"),
     'serve_host':    ('127.0.0.1', _host, "the address endpoints listen on: 127.0.0.1 (this machine only) or another host name or IP address"),
     'serve_port':    ('8000', _port, "the HTTP port of the endpoints, 1-65535"),
+    'serve_public_hosts': ('', _public_hosts, "names clients reach the endpoints by besides the address they listen on (a reverse proxy's or load balancer's name, this machine's name with serve_host = 0.0.0.0): host, host:port or URL, comma-separated; a request for any other Host is refused (421)"),
     'serve_replicas': ('1', _replicas, "replicas of each endpoint: an integer >= 1, or auto (Ray Serve's autoscaling, min_replicas to max_replicas)"),
     'min_replicas':  ('1', _int_at_least(0), "with serve_replicas = auto: the fewest replicas, an integer >= 0"),
     'max_replicas':  ('4', _int_at_least(1), "with serve_replicas = auto: the most replicas, an integer >= min_replicas"),
@@ -152,6 +178,7 @@ SETTINGS = {  # key: (default, check, what is allowed)
     'batch_wait_ms': ('1', _int_at_least(0), "milliseconds a batch waits to fill, an integer >= 0"),
     'max_records':   ('1000', _int_at_least(1), "records one prediction request may hold, an integer >= 1"),
     'max_body_bytes': ('1000000', _int_at_least(1), "bytes a request body may have, an integer >= 1"),
+    'validate_ranges': ('warn', _lower_choice('off', 'warn', 'refuse'), "off, warn or refuse: a number outside the range the model's training data had is answered as usual (off), answered with a warning in the answer and its audit record (warn), or refused with 422 naming the field, the value and the range (refuse; the published schema then carries the ranges); a served model's validate_ranges in pyproject.toml comes first"),
     'explain_max_records': ('100', _int_at_least(1), "records one /explain request may hold, an integer >= 1 (explanations cost far more than predictions; never more than max_records)"),
     'explain_threads': ('1', _int_at_least(1), "explanations one replica computes at once, in threads of their own that predictions never wait for, an integer >= 1"),
     'rate_limit_rps': ('0', _rate, "requests a second one API key may send to one replica, on average, a number >= 0 (0: no limit); a key's own rate (nbprod keys create --rate) comes first"),
@@ -260,6 +287,7 @@ class Settings:
     open_access: bool          # endpoints without API keys (an explicit choice; `nbprod serve` warns)
     serve_host: str
     serve_port: int
+    serve_public_hosts: str    # more names the endpoints answer to (their Host check), comma-separated
     serve_replicas: int|str    # an integer, or 'auto'
     min_replicas: int
     max_replicas: int
@@ -273,6 +301,7 @@ class Settings:
     batch_wait_ms: int
     max_records: int
     max_body_bytes: int
+    validate_ranges: str       # off, warn or refuse: a number outside the training range (a served model's own setting comes first)
     explain_max_records: int
     explain_threads: int
     rate_limit_rps: float      # per key and replica; 0: no limit
