@@ -273,6 +273,29 @@ def end_leftovers(proc, wait: float = 15) -> list[str]:
     return end_tree(proc)
 
 
+def in_session(sid: int) -> dict[int, int]:
+    "`{pid: start time}` of the processes of session `sid` (a process started with start_new_session=True has its pid as its session's id)."
+    out = {}
+    for pid in _pids():
+        try: f = Path(f'/proc/{pid}/stat').read_text().rpartition(')')[2].split()
+        except OSError: continue
+        if int(f[4]) == sid and f[0] not in 'ZX': out[pid] = int(f[19])
+    return out
+
+
+def stop_ray_node(proc, wait: float = 30) -> list[str]:
+    "SIGTERM a `ray start --block` started with start_new_session=True (it stops the processes it started), then end what of its session is left after `wait` s (agents that outlive it)."
+    procs = {**in_session(proc.pid), **_identify(descendants(proc.pid))}   # (a process of it that made a session of its own too)
+    proc.send_signal(signal.SIGTERM)
+    try: proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + wait
+    while (left := _alive({**procs, **in_session(proc.pid)})) and time.time() < deadline: time.sleep(0.5)
+    return end_processes(left, grace=5) if left else []
+
+
 def listening(pids) -> list[tuple[int, str, int]]:
     "`(pid, address, port)` of each TCP socket in LISTEN that processes `pids` hold open (IPv4 and IPv6)."
     inodes = {}

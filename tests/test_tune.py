@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import Project
+from conftest import Project, stop_ray_node
 
 TRAIN = '''
 import time
@@ -250,11 +250,7 @@ def _ray_node(args, log, env):
 
 
 def _stop_node(proc):
-    proc.send_signal(signal.SIGTERM)   # `ray start --block` stops the processes it started
-    try: proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_ray_node(proc)                # `ray start --block` stops the processes it started; what outlives it is ended
 
 
 def test_gpu_trial_waits_for_a_gpu_and_runs_where_one_is_declared(tmp_path):
