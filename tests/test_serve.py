@@ -262,6 +262,54 @@ def test_keys_reach_the_running_replicas_without_a_restart(served):
     with pytest.raises(NbprodError, match="no served model named 'taxi'"): create_key(s, 'typo', ['taxi'])
 
 
+
+def test_a_rotated_key_works_at_once_and_its_old_secret_until_the_grace_ends(served):
+    "nbprod keys rotate while serving: the new secret answers within seconds, the old one through its grace (6 s here), then 401."
+    from nbprod.auth import create_key, rotate_key
+    p, url, *_ = served
+    s = p.settings()
+    _, old = create_key(s, 'rotating', ['bikeshare'])
+    ask = lambda k: call(f'{url}/v1/models/bikeshare/predict', {'temp': 0.5, 'hr': 8}, k)[0]
+    deadline = time.time() + 10
+    while ask(old) != 200: assert time.time() < deadline, "a new key was not accepted within 10 s"; time.sleep(0.2)
+    _, new, _ = rotate_key(s, 'rotating', grace=6)
+    deadline = time.time() + 10
+    while ask(new) != 200: assert time.time() < deadline, "a rotated key's new secret was not accepted within 10 s"; time.sleep(0.2)
+    assert ask(old) == 200                                   # within its grace
+    deadline = time.time() + 20
+    while ask(old) != 401: assert time.time() < deadline, "the old secret was still answered 14 s after its grace"; time.sleep(0.3)
+    assert ask(new) == 200
+
+
+def test_serve_refuses_to_start_without_keys(tmp_path):
+    "No key and no open_access: every request would be 401, so nbprod serve refuses at once, saying how to make one, before Ray starts."
+    root = tmp_path/'nokeys'
+    root.mkdir()
+    (root/'pyproject.toml').write_text('[project]\nname = "nokeys"\n\n[tool.nbprod]\n\n[tool.nbprod.serve.models.bikeshare]\n')
+    (root/'settings.ini').write_text(f'[DEFAULT]\nserve_port = {free_port()}\n')
+    p = Project(root)
+    import mlflow, pandas as pd
+    from sklearn.linear_model import LinearRegression
+    from nbprod.serving import _mlflow
+    from nbprod.store import experiment_id
+    st, was = p.settings(), (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    try:
+        client = _mlflow(st)
+        X = pd.DataFrame({'temp': [0.1, 0.5], 'hr': [1, 8]})
+        with mlflow.start_run(experiment_id=experiment_id(st)), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            mlflow.sklearn.log_model(LinearRegression().fit(X, X.temp), name='model', input_example=X, registered_model_name='bikeshare',
+                                     serialization_format='cloudpickle')
+        client.set_registered_model_alias('bikeshare', 'champion', '1')
+    finally:                                     # the module's other tests go on with the served project's MLflow
+        mlflow.set_tracking_uri(was[0]); mlflow.set_registry_uri(was[1])
+    t0 = time.monotonic()
+    r = p.cli('serve', timeout=120)
+    said = ' '.join(r.stderr.split())
+    assert r.returncode == 2 and 'no API keys: every request would be refused (401)' in said and 'nbprod keys create NAME' in said, r.stderr
+    assert 'Ray' not in said and time.monotonic() - t0 < 60
+
+
 def test_labels_cannot_be_poisoned_by_another_key(served):
     "The attack of issue 18: a second key relabels another client's predictions with 1e300 and strings, and sends made-up ids; all refused, the owner's label stands."
     from nbprod.auth import create_key
