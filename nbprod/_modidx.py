@@ -527,6 +527,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'nbprod.pipeline_runs._record_step': ('pipeline_runs.html#_record_step', 'nbprod/pipeline_runs.py'),
                                       'nbprod.pipeline_runs._reusable': ('pipeline_runs.html#_reusable', 'nbprod/pipeline_runs.py'),
                                       'nbprod.pipeline_runs._run_steps': ('pipeline_runs.html#_run_steps', 'nbprod/pipeline_runs.py'),
+                                      'nbprod.pipeline_runs._settle_steps': ('pipeline_runs.html#_settle_steps', 'nbprod/pipeline_runs.py'),
                                       'nbprod.pipeline_runs._to_resume': ('pipeline_runs.html#_to_resume', 'nbprod/pipeline_runs.py'),
                                       'nbprod.pipeline_runs.child_tags': ('pipeline_runs.html#child_tags', 'nbprod/pipeline_runs.py'),
                                       'nbprod.pipeline_runs.open_parent': ('pipeline_runs.html#open_parent', 'nbprod/pipeline_runs.py'),

@@ -104,6 +104,14 @@ def _reusable(client, run, root) -> dict[str, str]:
     return out
 
 # %% ../nbs/14_pipeline_runs.ipynb #eab3154b
+def _settle_steps(client, rid:str, grace:float=60, poll:float=0.5) -> list[str]:
+    "After a stop: wait up to `grace` s for the steps' runs to record their own end (their processes store the output notebook first, and Ray may call a cancelled step done before that); a step still RUNNING then is ended KILLED here. Returns those."
+    exp,deadline = client.get_run(rid).info.experiment_id,time.monotonic() + grace
+    query = f"tags.`nbprod.parent_run` = '{rid}' and attributes.status = 'RUNNING'"
+    while (left := client.search_runs([exp], filter_string=query)) and time.monotonic() < deadline: time.sleep(poll)
+    for r in left: client.set_terminated(r.info.run_id, 'KILLED')
+    return [r.info.run_id for r in left]
+
 def run_pipeline(name:str|None=None, parameters:dict|None=None, *, root=None, profile:str|None=None,
                  settings:Settings|None=None, force:bool=False, resume:str|None=None, on_update=None,
                  raise_on_failure:bool=True) -> PipelineResult:
@@ -136,6 +144,7 @@ def run_pipeline(name:str|None=None, parameters:dict|None=None, *, root=None, pr
         status,e.run_id = 'KILLED',rid   # the caller can say which run to resume
         raise
     finally:
+        if status == 'KILLED': _settle_steps(client, rid)
         _close(client, rid, status, states, t0)
     res = PipelineResult(rid, name, status, states, shown, time.monotonic() - t0, resume or '')
     if raise_on_failure and not res.ok:

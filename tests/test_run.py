@@ -168,8 +168,8 @@ def _start_sleeper(project, ignore_sigint=False):
 def test_interrupt_ends_killed_with_notebook_stored(project, sig, name, ignored):
     proc, kernel_pid = _start_sleeper(project, ignore_sigint=ignored)
     assert not sigint_ignored(proc.pid)        # nbprod listens for Ctrl-C even when it was started with SIGINT ignored
-    deadline = time.time() + 20   # the kernel's metrics reach the run while it runs
-    while not (run := project.runs()[0]).data.metrics and time.time() < deadline: time.sleep(0.2)
+    deadline = time.time() + 20   # the kernel's metrics and parameters reach the run while it runs (two batches: one may come first)
+    while not ((run := project.runs()[0]).data.metrics and run.data.params) and time.time() < deadline: time.sleep(0.2)
     assert run.info.status == 'RUNNING' and run.data.metrics == {'epoch_loss': 0.5} and run.data.params == {'rows': '10'}
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
