@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, hmac, json, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 from .errors import NbprodError
-from .settings import Settings
+from .settings import Settings, host_authority, host_names
 
 # %% auto #0
 __all__ = ['LOCAL_HOSTS', 'entry_script', 'url_of', 'spawn', 'check', 'users_from_env', 'allowed', 'check_password',
@@ -135,24 +135,13 @@ def access_problems(s:Settings, env=None) -> list[str]:
 # %% ../nbs/35_dashboard_server.ipynb #fd5bfd0e
 _WILDCARDS = ('0.0.0.0', '::')
 
-def _authority(host:str, port:int|None) -> str:
-    "`host:port` as a browser writes it in `Host`: lower case, an IPv6 address in brackets, no port for a scheme's default."
-    h = host.strip().lower().strip('[]')
-    h = f"[{h}]" if ':' in h else h
-    return f"{h}:{port}" if port and port not in (80, 443) else h
+def _authority(host:str, port:int|None) -> str: return host_authority(host, port)   # (nbprod.settings: the endpoint's too)
 
 def _host_names(entries:str, port:int) -> list[str]:
-    "The `Host` values of `entries` (`host`, `host:port` or URLs, comma-separated); a bare host counts with `port` and without."
-    from urllib.parse import urlsplit
-    out = []
-    for item in filter(None, (x.strip() for x in entries.split(','))):
-        u = urlsplit(item if '://' in item else f"//{item}")
-        try: given = u.port
-        except ValueError: given = -1
-        if not u.hostname or given == -1 or u.path.strip('/') or u.username is not None:
-            raise NbprodError(f"dashboard_public_hosts: {item!r} is not a host name, host:port or URL", hint="write it as dash.example.com, dash.example.com:8443 or https://dash.example.com")
-        out += [_authority(u.hostname, given)] + ([] if given or u.scheme else [_authority(u.hostname, port)])
-    return out
+    "The `Host` values of `entries` (`host`, `host:port` or URLs, comma-separated; `nbprod.settings.host_names`), refused with the setting named."
+    try: return host_names(entries, port)
+    except ValueError as e:
+        raise NbprodError(f"dashboard_public_hosts: {e}", hint="write it as dash.example.com, dash.example.com:8443 or https://dash.example.com") from None
 
 def _redirect_host(s:Settings) -> str:
     "With an OIDC login, the `host:port` of its `redirect_uri` ('' without one)."
