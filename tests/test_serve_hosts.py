@@ -2,11 +2,11 @@
 through DNS rebinding (`Host: evil.example:PORT`, a matching `Origin`) is refused, and nothing of it is audited, while the
 endpoint's own names and `serve_public_hosts` are answered; and `validate_ranges` (the setting, and a served model's own):
 a number outside the training range is warned of, refused with 422, or let through, and the published schema agrees."""
-import signal, subprocess, uuid
+import uuid
 
 import pytest
 
-from conftest import Project, call, free_port, wait_ready
+from conftest import Project, call, free_port, wait_ready, stop_collect
 
 FAR = {'temp': 0.5, 'hr': 30}          # training saw hr from 1 to 17
 NEAR = {'temp': 0.5, 'hr': 8}
@@ -46,12 +46,7 @@ def served(tmp_path_factory):
         wait_ready(proc, url)
         yield p, url, port
     finally:
-        if proc.poll() is None: proc.send_signal(signal.SIGINT)
-        try: out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            from conftest import end_tree
-            end_tree(proc)
-            raise
+        out, err = stop_collect(proc)             # Ctrl-C; a server that does not stop has its whole tree ended
     assert proc.returncode == 0, err[-3000:]
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import Project, call, free_port, wait_ready
+from conftest import Project, call, free_port, wait_ready, stop_collect
 
 RECORD = {'temp': 0.5, 'hr': 8}
 
@@ -54,12 +54,7 @@ def served(tmp_path_factory):
         wait_ready(proc, url)
         yield p, url, keys
     finally:
-        if proc.poll() is None: proc.send_signal(signal.SIGINT)
-        try: out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            from conftest import end_tree
-            end_tree(proc)
-            raise
+        out, err = stop_collect(proc)             # Ctrl-C; a server that does not stop has its whole tree ended
     assert proc.returncode == 0, err[-3000:]
 
 
